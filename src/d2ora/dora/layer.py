@@ -1,0 +1,151 @@
+"""DoRALinear: one frozen Linear (or GPT-2 Conv1D) plus a trainable DoRA / LoRA adapter."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from d2ora.dora import math as dora_math
+
+SUPPORTED_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+def base_weight_out_in(base: nn.Module) -> torch.Tensor:
+    """The base layer's weight as ``(out, in)``; a view (no copy) of a Conv1D's ``(in, out)`` weight."""
+    if isinstance(base, Conv1D):
+        return base.weight.t()
+    return base.weight
+
+
+class DoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` / ``Conv1D`` with a DoRA (or, with ``use_dora=False``, LoRA) adapter.
+
+    Forward (paper Eq. 5, norm detached as in §4.3)::
+
+        y = g ⊙ (W0 x + s · B A x̃) + bias,     g = m / ||W0 + s·BA||_c   (no gradient through the norm)
+
+    where x̃ = dropout(x). ``W0 x`` is computed once and reused: one GEMM with W0 per forward.
+
+    Dropout: d2ora drops only the low-rank path's input, as LoRA does. PEFT's DoRA instead computes
+    ``W0 x + (g - 1) ⊙ W0 x̃ + g ⊙ s·B A x̃`` when dropout is active, which costs a second GEMM with
+    W0 on x̃. Both are unbiased for the same expectation (inverted dropout keeps E[x̃] = x):
+    ``E = g ⊙ (W0 x + s·BA x)``; d2ora's has lower variance (the frozen path is never dropped) and
+    no extra GEMM. With dropout 0, or in eval mode, the two are identical.
+
+    Rows whose norm ``||W0 + s·BA||`` is exactly 0 follow the rule in
+    :func:`d2ora.dora.math.magnitude_scale` (divide by 1, so no NaN; PEFT gives inf/NaN there).
+
+    The math lives in :mod:`d2ora.dora.math` and accepts a leading stack dimension, so a later
+    peer-batched layer can hold P adapter sets over this one ``W0``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, SUPPORTED_BASE_TYPES):
+            raise TypeError(f"DoRALinear wraps nn.Linear or transformers Conv1D, not {type(base_layer).__name__}")
+        w0 = base_weight_out_in(base_layer)
+        out_features, in_features = w0.shape
+        if not 0 < r <= min(in_features, out_features):
+            raise ValueError(f"rank r={r} must be between 1 and min(in={in_features}, out={out_features})")
+        self.base_layer = base_layer
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.use_dora = use_dora
+        self.scaling = dora_math.lora_scaling(alpha, r, use_rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        # Adapters live in fp32 when the base is half precision (PEFT does the same), for stable updates.
+        dtype = torch.float32 if w0.dtype in (torch.float16, torch.bfloat16) else w0.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=w0.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=w0.device))
+        # Kaiming-uniform with a=sqrt(5), as nn.Linear and PEFT initialise A.
+        bound = 1.0 / math.sqrt(in_features)  # = gain(a=sqrt 5) * sqrt(3 / fan_in)
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+        # ||W0||² per row, cached once: W0 is frozen. Not persistent: it is derived, never saved.
+        self.register_buffer("w0_row_sq", dora_math.row_sq_norms(w0.detach()), persistent=False)
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(self.row_norms().to(dtype))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def weight0(self) -> torch.Tensor:
+        """Frozen W0 as ``(out, in)``."""
+        return base_weight_out_in(self.base_layer)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def refresh_base_cache(self) -> None:
+        """Recompute the cached ``||W0||²`` rows; call after changing the base weight in place."""
+        self.w0_row_sq = dora_math.row_sq_norms(self.weight0.detach())
+
+    @torch.no_grad()
+    def row_norms(self) -> torch.Tensor:
+        """``||W0 + s·BA||_c`` by the factored formula (never forms BA)."""
+        return dora_math.factored_row_norms(self.weight0, self.w0_row_sq, self.lora_A, self.lora_B, self.scaling)
+
+    def magnitude_scale(self) -> torch.Tensor:
+        """``g = m / ||W0 + s·BA||_c`` with the norm detached; gradients flow into ``m`` only."""
+        return dora_math.magnitude_scale(self.lora_magnitude_vector, self.row_norms())
+
+    # ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w0 = self.weight0
+        base_out = F.linear(x, w0)  # the one GEMM with W0; bias is added after scaling
+        x_lr = self.dropout(x).to(self.lora_A.dtype)
+        low_rank = F.linear(F.linear(x_lr, self.lora_A), self.lora_B).mul_(self.scaling).to(base_out.dtype)
+        combined = low_rank.add_(base_out)
+        bias = self.bias
+        if self.use_dora:
+            g = self.magnitude_scale().to(combined.dtype)
+            if bias is None:
+                return combined * g
+            return torch.addcmul(bias, combined, g)
+        return combined if bias is None else combined.add_(bias)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """Dense ``W' = g·(W0 + s·BA)`` as ``(out, in)`` (``W0 + s·BA`` for LoRA)."""
+        return dora_math.merged_weight(self.weight0, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude_vector)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """A plain layer of the base's type (``nn.Linear`` or ``Conv1D``) holding W' densely, for serving."""
+        merged = self.merged_weight()
+        base = self.base_layer
+        has_bias = base.bias is not None
+        if isinstance(base, Conv1D):
+            layer = Conv1D(self.out_features, self.in_features)
+            layer.weight = nn.Parameter(merged.t().contiguous(), requires_grad=False)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=has_bias, device=merged.device, dtype=merged.dtype)
+            layer.weight = nn.Parameter(merged.contiguous(), requires_grad=False)
+        if has_bias:  # Conv1D always has one
+            layer.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def extra_repr(self) -> str:
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return f"{kind}(in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:g})"

@@ -1,0 +1,83 @@
+"""DoRA's math alone: pure tensor functions, no modules, no I/O.
+
+Conventions (PEFT's): a frozen weight ``W0`` is ``(out, in)``; ``A`` is ``(r, in)``; ``B`` is
+``(out, r)``; the magnitude ``m`` is ``(out,)``, one L2 norm per output row. Every function here
+also accepts a leading stack dimension on ``A``, ``B`` and ``m`` (``(P, r, in)``, ``(P, out, r)``,
+``(P, out)``) so that P adapter sets over one shared ``W0`` can be evaluated in one call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """``s = alpha / r`` (LoRA) or ``alpha / sqrt(r)`` (rsLoRA, arXiv 2312.03732)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm of every row of ``weight`` ``(out, in)``, accumulated in at least fp32."""
+    w = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+    return (w * w).sum(dim=-1)
+
+
+def factored_row_norms(
+    w0: torch.Tensor,
+    w0_row_sq: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """Row norms ``||W0 + s·B A||_c`` without forming the ``out x in`` matrix ``B A``.
+
+    Expanding the square of row i:
+        ||W0_i + s B_i A||² = ||W0_i||² + 2s · B_i · (W0 Aᵀ)_i + s² · B_i (A Aᵀ) B_iᵀ
+    ``||W0_i||²`` is cached by the caller (W0 is frozen), ``W0 Aᵀ`` is ``(out, r)`` and ``A Aᵀ`` is
+    ``(r, r)``, so memory stays O(out·r) instead of O(out·in). Rounding can push a true zero a
+    hair below 0, so the square is clamped at 0 before the root. Computed in at least fp32.
+    """
+    compute = torch.float32 if w0.dtype in (torch.float16, torch.bfloat16) else w0.dtype
+    a = lora_a.to(compute)
+    b = lora_b.to(compute)
+    w0_at = torch.matmul(a, w0.to(compute).transpose(-1, -2)).transpose(-1, -2)  # (.., out, r)
+    a_at = torch.matmul(a, a.transpose(-1, -2))  # (.., r, r)
+    cross = (b * w0_at).sum(dim=-1)
+    quad = (torch.matmul(b, a_at) * b).sum(dim=-1)
+    sq = w0_row_sq.to(compute) + (2.0 * scaling) * cross + (scaling * scaling) * quad
+    return sq.clamp_min(0.0).sqrt()
+
+
+def dense_row_norms(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Reference: ``||W0 + s·B A||_c`` by forming the dense matrix (tests and analysis only)."""
+    return torch.linalg.vector_norm(w0 + scaling * (lora_b @ lora_a), dim=-1)
+
+
+def magnitude_scale(magnitude: torch.Tensor, row_norms: torch.Tensor) -> torch.Tensor:
+    """``g = m / ||W0 + s·BA||_c`` with the zero-row rule.
+
+    Zero-norm rule: a row whose norm is exactly 0 (a zero row of W0 with a zero row of B A) has no
+    direction, and PEFT divides by zero there (inf/NaN). d2ora divides such rows by 1 instead, so
+    ``g = m`` there. A row that starts at zero then starts with ``m = 0`` and produces 0, exactly as
+    W0 does, and no NaN can enter training or merging.
+    """
+    safe = torch.where(row_norms == 0, torch.ones_like(row_norms), row_norms)
+    return magnitude / safe.to(magnitude.dtype)
+
+
+def merged_weight(
+    w0: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor | None,
+) -> torch.Tensor:
+    """Dense ``W' = g·(W0 + s·BA)`` (DoRA) or ``W0 + s·BA`` (LoRA, ``magnitude=None``), shape (out, in)."""
+    compute = torch.float32 if w0.dtype in (torch.float16, torch.bfloat16) else w0.dtype
+    w = w0.to(compute) + scaling * (lora_b.to(compute) @ lora_a.to(compute))
+    if magnitude is not None:
+        norms = torch.linalg.vector_norm(w, dim=-1)
+        w = magnitude_scale(magnitude.to(compute), norms).unsqueeze(-1) * w
+    return w.to(w0.dtype)
