@@ -118,7 +118,7 @@ def resolve_targets(model: nn.Module, config: DoRAConfig) -> list[str]:
     return chosen
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -171,7 +171,7 @@ def attach(model: nn.Module, config: DoRAConfig, ranks: dict[str, int] | None = 
             use_dora=config.use_dora,
             generator=generator if base.weight.device.type == "cpu" else None,
         )
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -202,7 +202,7 @@ def dora_layers(model: nn.Module) -> dict[str, DoRALinear]:
 def merge(model: nn.Module) -> nn.Module:
     """Replace every DoRALinear by its dense merged layer, in place; the model no longer needs d2ora."""
     for name, layer in dora_layers(model).items():
-        _set_submodule(model, name, layer.merge())
+        set_submodule(model, name, layer.merge())
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
     return model
@@ -211,7 +211,7 @@ def merge(model: nn.Module) -> nn.Module:
 def detach(model: nn.Module) -> nn.Module:
     """Put the original frozen layers back (the adapter is dropped), in place."""
     for name, layer in dora_layers(model).items():
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
     return model

@@ -1,0 +1,1 @@
+"""CLI commands: each module defines ``register(app)`` adding one thin command over the library."""

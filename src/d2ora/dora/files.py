@@ -1,0 +1,367 @@
+"""PEFT-compatible adapter files: save, load (ours and PEFT's), and merge into a dense model folder.
+
+Format (what PEFT 0.21 writes for ``LoraConfig(use_dora=True)``):
+  - ``adapter_config.json``: ``peft_type: LORA``, ``use_dora``, ``r``, ``lora_alpha``, ``target_modules`` ...
+  - ``adapter_model.safetensors``: ``base_model.model.<path>.lora_A.weight`` (r x in),
+    ``.lora_B.weight`` (out x r), ``.lora_magnitude_vector`` (out,) and the full weights of
+    ``modules_to_save`` as ``base_model.model.<path>.<param>``.
+
+Only safetensors is read: a pickle file (``adapter_model.bin``) is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from d2ora import atomic
+from d2ora.dora.attach import (
+    AttachReport,
+    attach,
+    attached_config,
+    count_params,
+    dora_layers,
+    name_matches,
+    resolve_modules_to_save,
+    set_submodule,
+)
+from d2ora.dora.config import DoRAConfig
+from d2ora.dora.layer import SUPPORTED_BASE_TYPES, DoRALinear, base_weight_out_in
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PICKLE_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+KEY_PREFIX = "base_model.model."
+_LORA_A = ".lora_A.weight"
+_LORA_B = ".lora_B.weight"
+_MAGNITUDE = (".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+
+_TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForCausalLM": "CAUSAL_LM",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+
+
+class AdapterFileError(ValueError):
+    """An adapter folder that cannot be read or does not fit the model; the model is left unchanged."""
+
+
+# ------------------------------------------------------------------------------------------------ save
+def _infer_task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES.items() if name.endswith(suffix)), None)
+
+
+def _portable_target_names(model: nn.Module, adapted: list[str]) -> list[str]:
+    """Leaf names (``["query", "value"]``) when they select exactly the adapted layers, else full names.
+
+    Leaf names are what people write and survive a different prefix; full names are the fallback
+    that PEFT still matches exactly (``key == target``).
+    """
+    leaves = sorted({name.rpartition(".")[2] for name in adapted})
+    selected = {n for n, _ in model.named_modules() if n and any(name_matches(n, leaf) for leaf in leaves)}
+    return leaves if selected == set(adapted) else sorted(adapted)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (contiguous CPU copies)."""
+    config = attached_config(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in dora_layers(model).items():
+        tensors[f"{KEY_PREFIX}{name}{_LORA_A}"] = layer.lora_A
+        tensors[f"{KEY_PREFIX}{name}{_LORA_B}"] = layer.lora_B
+        if layer.use_dora:
+            tensors[f"{KEY_PREFIX}{name}{_MAGNITUDE[0]}"] = layer.lora_magnitude_vector
+    for name in resolve_modules_to_save(model, config.modules_to_save):
+        for pname, param in model.get_submodule(name).named_parameters():
+            tensors[f"{KEY_PREFIX}{name}.{pname}"] = param
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None, task_type: str | None) -> dict:
+    config = attached_config(model)
+    layers = dora_layers(model)
+    adapted = list(layers)
+    rank_pattern = {n: layer.r for n, layer in layers.items() if layer.r != config.r}
+    alpha_pattern = {n: layer.alpha for n, layer in layers.items() if layer.alpha != config.alpha}
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type if task_type is not None else _infer_task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _portable_target_names(model, adapted),
+        "modules_to_save": list(config.modules_to_save) or None,
+        "use_dora": config.use_dora,
+        "use_rslora": config.use_rslora,
+        "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in layers.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+        "library": "d2ora",
+    }
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` that PEFT's ``from_pretrained`` loads.
+
+    Each file is written atomically; other files already in ``directory`` are left alone.
+    """
+    directory = Path(directory)
+    tensors = adapter_state(model)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        # Refuse rather than overwrite a good adapter with a diverged one.
+        raise AdapterFileError(f"not saving to '{directory}': '{bad[0]}' holds non-finite values (NaN/inf)")
+    config = adapter_config_dict(model, base_model_name_or_path, task_type)
+    config.pop("library")  # PEFT's LoraConfig rejects unknown keys; the metadata below records it
+    with atomic.atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "library": "d2ora"})
+    atomic.write_json(directory / ADAPTER_CONFIG, config)
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------ read
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check an adapter folder: safetensors only, every tensor finite, a LoRA-type config."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter folder '{directory}' does not exist")
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickled = [p for p in PICKLE_WEIGHTS if (directory / p).exists()]
+        if pickled:
+            raise AdapterFileError(
+                f"'{directory / pickled[0]}' is a pickle file, which d2ora never loads (it can run code); "
+                f"re-save it as {ADAPTER_WEIGHTS} (e.g. PEFT's save_pretrained(safe_serialization=True))"
+            )
+        raise AdapterFileError(f"'{directory}' has no {ADAPTER_WEIGHTS}")
+    config_path = directory / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise AdapterFileError(f"'{directory}' has no {ADAPTER_CONFIG}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"'{config_path}' is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise AdapterFileError(f"'{config_path}': peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"'{weights}' is not a readable safetensors file: {exc}") from exc
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise AdapterFileError(f"'{weights}': tensor '{key}' holds NaN or infinite values")
+    return config, tensors
+
+
+@dataclass
+class _ModuleTensors:
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    magnitude: torch.Tensor | None = None
+
+
+@dataclass
+class _ParsedAdapter:
+    layers: dict[str, _ModuleTensors] = field(default_factory=dict)
+    saved_params: dict[str, torch.Tensor] = field(default_factory=dict)  # "<module path>.<param>"
+
+
+def _parse_keys(tensors: dict[str, torch.Tensor], source: str) -> _ParsedAdapter:
+    parsed = _ParsedAdapter()
+    for key, tensor in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise AdapterFileError(f"{source}: key '{key}' does not start with '{KEY_PREFIX}'")
+        rest = key[len(KEY_PREFIX):]
+        if rest.endswith(_LORA_A):
+            parsed.layers.setdefault(rest[: -len(_LORA_A)], _ModuleTensors()).lora_a = tensor
+        elif rest.endswith(_LORA_B):
+            parsed.layers.setdefault(rest[: -len(_LORA_B)], _ModuleTensors()).lora_b = tensor
+        elif rest.endswith(_MAGNITUDE):
+            suffix = next(s for s in _MAGNITUDE if rest.endswith(s))
+            parsed.layers.setdefault(rest[: -len(suffix)], _ModuleTensors()).magnitude = tensor
+        elif ".lora_" in rest:
+            raise AdapterFileError(f"{source}: '{key}' is a LoRA feature d2ora does not support (embedding/bias adapters)")
+        else:
+            parsed.saved_params[rest] = tensor
+    return parsed
+
+
+def _pattern_value(name: str, patterns: dict, default):
+    """PEFT's rank/alpha_pattern lookup: a key matches a module whose name ends with it."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_layer(
+    name: str, base: nn.Module, t: _ModuleTensors, use_dora: bool, source: str
+) -> int:
+    if t.lora_a is None or t.lora_b is None:
+        missing = "lora_A" if t.lora_a is None else "lora_B"
+        raise AdapterFileError(f"{source}: module '{name}' has no {missing} weight")
+    if use_dora and t.magnitude is None:
+        raise AdapterFileError(f"{source}: use_dora is true but '{KEY_PREFIX}{name}.lora_magnitude_vector' is missing")
+    out_f, in_f = base_weight_out_in(base).shape
+    r = t.lora_a.shape[0]
+    expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "lora_magnitude_vector": (out_f,)}
+    actual = {"lora_A": tuple(t.lora_a.shape), "lora_B": tuple(t.lora_b.shape)}
+    if t.magnitude is not None:
+        actual["lora_magnitude_vector"] = tuple(t.magnitude.shape)
+    for what, shape in actual.items():
+        if shape != expected[what]:
+            raise AdapterFileError(
+                f"{source}: {what} of '{name}' has shape {list(shape)}, but the model's layer "
+                f"({in_f} -> {out_f}) needs {list(expected[what])}"
+            )
+    return r
+
+
+def load_adapter(model: nn.Module, directory: str | Path, *, as_dora: bool | None = None) -> AttachReport:
+    """Load an adapter folder (d2ora's or PEFT's) into ``model``; attaches the layers if needed.
+
+    ``as_dora=None`` follows the file; ``as_dora=True`` loads a plain LoRA adapter as DoRA with the
+    magnitude set to ``||W0 + s·BA||_c`` (so the model computes exactly what the LoRA did).
+    Everything is checked before the model is touched: on any error the model is unchanged.
+    """
+    directory = Path(directory)
+    file_config, tensors = read_adapter(directory)
+    source = str(directory)
+    parsed = _parse_keys(tensors, source)
+    if not parsed.layers:
+        raise AdapterFileError(f"{source}: no lora_A / lora_B tensors found")
+    file_dora = bool(file_config.get("use_dora", False))
+    use_dora = file_dora if as_dora is None else as_dora
+    if file_dora and not use_dora:
+        raise AdapterFileError(f"{source}: a DoRA adapter cannot be loaded as plain LoRA (its magnitude would be lost)")
+
+    modules = dict(model.named_modules())
+    ranks: dict[str, int] = {}
+    for name, t in parsed.layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise AdapterFileError(f"{source}: module '{name}' is not in {type(model).__name__}")
+        base = module.base_layer if isinstance(module, DoRALinear) else module
+        if not isinstance(base, SUPPORTED_BASE_TYPES):
+            raise AdapterFileError(f"{source}: module '{name}' is a {type(base).__name__}, not Linear/Conv1D")
+        ranks[name] = _check_layer(name, base, t, file_dora, source)
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    saved_modules: set[str] = set()
+    for pname, tensor in parsed.saved_params.items():
+        if pname not in params:
+            raise AdapterFileError(f"{source}: saved module parameter '{pname}' is not in {type(model).__name__}")
+        if tuple(params[pname].shape) != tuple(tensor.shape):
+            raise AdapterFileError(
+                f"{source}: '{pname}' has shape {list(tensor.shape)}, the model's has {list(params[pname].shape)}"
+            )
+        saved_modules.add(pname.rpartition(".")[0])
+
+    r_default = int(file_config.get("r", next(iter(ranks.values()))))
+    alpha_default = float(file_config.get("lora_alpha", r_default))
+    alphas = {n: float(_pattern_value(n, file_config.get("alpha_pattern"), alpha_default)) for n in ranks}
+    existing = dora_layers(model)
+    if existing:
+        _check_matches_attached(existing, ranks, alphas, use_dora, file_config, source)
+        report = None
+    else:
+        config = DoRAConfig(
+            r=r_default,
+            alpha=alpha_default,
+            dropout=float(file_config.get("lora_dropout", 0.0) or 0.0),
+            target_modules=sorted(ranks),
+            modules_to_save=sorted(saved_modules),
+            use_rslora=bool(file_config.get("use_rslora", False)),
+            use_dora=use_dora,
+        )
+        report = attach(model, config, ranks=ranks, alphas=alphas)
+
+    layers = dora_layers(model)
+    with torch.no_grad():
+        for name, t in parsed.layers.items():
+            layer = layers[name]
+            layer.lora_A.copy_(t.lora_a)
+            layer.lora_B.copy_(t.lora_b)
+            if use_dora:
+                # A LoRA file has no magnitude: m = ||W0 + s·BA||_c makes g = 1, the LoRA model exactly.
+                layer.lora_magnitude_vector.copy_(t.magnitude if t.magnitude is not None else layer.row_norms())
+        for pname, tensor in parsed.saved_params.items():
+            params[pname].copy_(tensor)
+    if report is None:
+        trainable, total = count_params(model)
+        report = AttachReport(sorted(ranks), sorted(saved_modules), trainable, total,
+                              "dora" if use_dora else "lora", ranks)
+    return report
+
+
+def _check_matches_attached(existing: dict[str, DoRALinear], ranks: dict[str, int], alphas: dict[str, float],
+                            use_dora: bool, file_config: dict, source: str) -> None:
+    if set(existing) != set(ranks):
+        extra = sorted(set(ranks) - set(existing))[:3]
+        missing = sorted(set(existing) - set(ranks))[:3]
+        raise AdapterFileError(
+            f"{source}: the adapter's layers differ from those attached to the model "
+            f"(in file only: {extra}, in model only: {missing})"
+        )
+    for name, layer in existing.items():
+        if layer.r != ranks[name] or layer.use_dora != use_dora:
+            raise AdapterFileError(
+                f"{source}: module '{name}' is attached with r={layer.r}, use_dora={layer.use_dora}; "
+                f"the file has r={ranks[name]}, use_dora={use_dora}"
+            )
+        if layer.alpha != alphas[name] or layer.use_rslora != bool(file_config.get("use_rslora", False)):
+            raise AdapterFileError(f"{source}: module '{name}' is attached with a different alpha / rsLoRA setting")
+
+
+# ------------------------------------------------------------------------------------------------ merge
+def merge_and_save(model: nn.Module, directory: str | Path, *, tokenizer=None) -> Path:
+    """Save a dense model folder with every adapter merged (W' = g·(W0 + s·BA)).
+
+    The folder loads with ``AutoModel*.from_pretrained`` and no d2ora installed. ``model`` itself is
+    left as it was (merged layers are swapped in only for the save). Written into a staging folder
+    first, then moved in file by file, so an interrupted save never leaves a half-written model.
+    """
+    layers = dora_layers(model)
+    if not layers:
+        raise AdapterFileError(f"{type(model).__name__} has no d2ora adapter to merge")
+    if not hasattr(model, "save_pretrained"):
+        raise AdapterFileError(f"{type(model).__name__} is not a transformers model (no save_pretrained)")
+    directory = Path(directory)
+    with atomic.staging_folder(directory) as staged:
+        try:
+            for name, layer in layers.items():
+                set_submodule(model, name, layer.merge())
+            model.save_pretrained(staged, safe_serialization=True)
+        finally:
+            for name, layer in layers.items():
+                set_submodule(model, name, layer)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staged)
+    return directory
