@@ -119,10 +119,7 @@ class DoRALinear(nn.Module):
         combined = low_rank.add_(base_out)
         bias = self.bias
         if self.use_dora:
-            g = self.magnitude_scale().to(combined.dtype)
-            if bias is None:
-                return combined * g
-            return torch.addcmul(bias, combined, g)
+            return dora_math.scale_shift_(combined, self.magnitude_scale().to(combined.dtype), bias)
         return combined if bias is None else combined.add_(bias)
 
     @torch.no_grad()

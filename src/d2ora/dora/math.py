@@ -81,3 +81,43 @@ def merged_weight(
         norms = torch.linalg.vector_norm(w, dim=-1)
         w = magnitude_scale(magnitude.to(compute), norms).unsqueeze(-1) * w
     return w.to(w0.dtype)
+
+
+class _ScaleShiftInPlace(torch.autograd.Function):
+    """``y = g ⊙ z + bias`` written over ``z``, saving only ``y`` for backward.
+
+    Why by hand: autograd's ``g * z`` keeps ``z`` (tokens x out) alive for the gradient of ``g``,
+    one extra activation per adapted layer that LoRA does not have. Here ``z`` is overwritten by
+    ``y``, and the backward recovers ``z = (y - bias) / g``. ``y`` is the layer's output, which the
+    next op often keeps anyway (GELU, attention), so DoRA's activation memory stays close to LoRA's.
+    Rows with ``g == 0`` (``m`` exactly 0) cannot be recovered and get a zero gradient for ``g``;
+    such a row's output is constant, so nothing can train it anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        y = z.mul_(g) if bias is None else torch.addcmul(bias, z, g, out=z)
+        ctx.mark_dirty(z)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(y, g, bias if bias is not None else g.new_empty(0))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        y, g, bias = ctx.saved_tensors
+        grad_z = grad_y * g if ctx.needs_input_grad[0] else None
+        grad_g = None
+        if ctx.needs_input_grad[1]:
+            dims = tuple(range(grad_y.dim() - 1))
+            # Σ_t grad_y·z = (Σ_t grad_y·y − bias·Σ_t grad_y) / g, without materialising z.
+            total = (grad_y * y).sum(dim=dims, dtype=torch.float32 if y.dtype != torch.float64 else None)
+            if ctx.has_bias:
+                total = total - bias.to(total.dtype) * grad_y.sum(dim=dims, dtype=total.dtype)
+            safe_g = torch.where(g == 0, torch.ones_like(g), g).to(total.dtype)
+            grad_g = torch.where(g == 0, torch.zeros_like(total), total / safe_g).to(g.dtype)
+        return grad_z, grad_g, None
+
+
+def scale_shift_(z: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """In place ``z ← g ⊙ z + bias`` with gradients for ``z`` and ``g`` (``bias`` is frozen)."""
+    return _ScaleShiftInPlace.apply(z, g, bias)
