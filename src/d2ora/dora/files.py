@@ -35,6 +35,7 @@ from d2ora.dora.attach import (
 )
 from d2ora.dora.config import DoRAConfig
 from d2ora.dora.layer import SUPPORTED_BASE_TYPES, DoRALinear, base_weight_out_in
+from d2ora.dora.math import lora_scaling
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -181,67 +182,125 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 @dataclass
-class _ModuleTensors:
+class AdapterLayerTensors:
+    """One module's tensors from a file; ``r`` and ``alpha`` are filled in once checked."""
+
     lora_a: torch.Tensor | None = None
     lora_b: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
+    r: int = 0
+    alpha: float = 0.0
 
 
 @dataclass
-class _ParsedAdapter:
-    layers: dict[str, _ModuleTensors] = field(default_factory=dict)
+class CheckedAdapter:
+    """An adapter folder validated against a model: every tensor present, finite, and of the right shape."""
+
+    source: str
+    config: dict
+    use_dora: bool
+    use_rslora: bool
+    layers: dict[str, AdapterLayerTensors] = field(default_factory=dict)
     saved_params: dict[str, torch.Tensor] = field(default_factory=dict)  # "<module path>.<param>"
 
+    def scaling(self, name: str) -> float:
+        layer = self.layers[name]
+        return lora_scaling(layer.alpha, layer.r, self.use_rslora)
 
-def _parse_keys(tensors: dict[str, torch.Tensor], source: str) -> _ParsedAdapter:
-    parsed = _ParsedAdapter()
+
+def _parse_keys(tensors: dict[str, torch.Tensor], checked: CheckedAdapter) -> None:
     for key, tensor in tensors.items():
         if not key.startswith(KEY_PREFIX):
-            raise AdapterFileError(f"{source}: key '{key}' does not start with '{KEY_PREFIX}'")
+            raise AdapterFileError(f"{checked.source}: key '{key}' does not start with '{KEY_PREFIX}'")
         rest = key[len(KEY_PREFIX):]
         if rest.endswith(_LORA_A):
-            parsed.layers.setdefault(rest[: -len(_LORA_A)], _ModuleTensors()).lora_a = tensor
+            checked.layers.setdefault(rest[: -len(_LORA_A)], AdapterLayerTensors()).lora_a = tensor
         elif rest.endswith(_LORA_B):
-            parsed.layers.setdefault(rest[: -len(_LORA_B)], _ModuleTensors()).lora_b = tensor
+            checked.layers.setdefault(rest[: -len(_LORA_B)], AdapterLayerTensors()).lora_b = tensor
         elif rest.endswith(_MAGNITUDE):
             suffix = next(s for s in _MAGNITUDE if rest.endswith(s))
-            parsed.layers.setdefault(rest[: -len(suffix)], _ModuleTensors()).magnitude = tensor
+            checked.layers.setdefault(rest[: -len(suffix)], AdapterLayerTensors()).magnitude = tensor
         elif ".lora_" in rest:
-            raise AdapterFileError(f"{source}: '{key}' is a LoRA feature d2ora does not support (embedding/bias adapters)")
+            raise AdapterFileError(
+                f"{checked.source}: '{key}' is a LoRA feature d2ora does not support (embedding/bias adapters)"
+            )
         else:
-            parsed.saved_params[rest] = tensor
-    return parsed
+            checked.saved_params[rest] = tensor
+    if not checked.layers:
+        raise AdapterFileError(f"{checked.source}: no lora_A / lora_B tensors found")
 
 
-def _pattern_value(name: str, patterns: dict, default):
-    """PEFT's rank/alpha_pattern lookup: a key matches a module whose name ends with it."""
+def pattern_value(name: str, patterns: dict | None, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module whose name ends with it."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
 
-def _check_layer(
-    name: str, base: nn.Module, t: _ModuleTensors, use_dora: bool, source: str
-) -> int:
+def _check_layer(name: str, base: nn.Module, t: AdapterLayerTensors, use_dora: bool, source: str) -> int:
     if t.lora_a is None or t.lora_b is None:
         missing = "lora_A" if t.lora_a is None else "lora_B"
         raise AdapterFileError(f"{source}: module '{name}' has no {missing} weight")
     if use_dora and t.magnitude is None:
         raise AdapterFileError(f"{source}: use_dora is true but '{KEY_PREFIX}{name}.lora_magnitude_vector' is missing")
     out_f, in_f = base_weight_out_in(base).shape
-    r = t.lora_a.shape[0]
+    r = t.lora_a.shape[0] if t.lora_a.dim() == 2 else -1
     expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "lora_magnitude_vector": (out_f,)}
     actual = {"lora_A": tuple(t.lora_a.shape), "lora_B": tuple(t.lora_b.shape)}
     if t.magnitude is not None:
         actual["lora_magnitude_vector"] = tuple(t.magnitude.shape)
     for what, shape in actual.items():
-        if shape != expected[what]:
+        if shape != expected[what] or r < 1:
             raise AdapterFileError(
                 f"{source}: {what} of '{name}' has shape {list(shape)}, but the model's layer "
                 f"({in_f} -> {out_f}) needs {list(expected[what])}"
             )
     return r
+
+
+def check_adapter(model: nn.Module, directory: str | Path) -> CheckedAdapter:
+    """Read an adapter folder and check it fits ``model`` (module names, shapes, values); touches nothing."""
+    directory = Path(directory)
+    file_config, tensors = read_adapter(directory)
+    checked = CheckedAdapter(
+        source=str(directory),
+        config=file_config,
+        use_dora=bool(file_config.get("use_dora", False)),
+        use_rslora=bool(file_config.get("use_rslora", False)),
+    )
+    _parse_keys(tensors, checked)
+    source = checked.source
+    modules = dict(model.named_modules())
+    for name, t in checked.layers.items():
+        module = modules.get(name)
+        if module is None:
+            raise AdapterFileError(
+                f"{source}: module '{name}' is not in {type(model).__name__} "
+                "(a different base model, or a different model class than the adapter was trained with)"
+            )
+        base = module.base_layer if isinstance(module, DoRALinear) else module
+        if not isinstance(base, SUPPORTED_BASE_TYPES):
+            raise AdapterFileError(f"{source}: module '{name}' is a {type(base).__name__}, not Linear/Conv1D")
+        t.r = _check_layer(name, base, t, checked.use_dora, source)
+
+    r_default = int(file_config.get("r") or next(iter(checked.layers.values())).r)
+    alpha_default = file_config.get("lora_alpha", r_default)
+    for name, t in checked.layers.items():
+        alpha = pattern_value(name, file_config.get("alpha_pattern"), alpha_default)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise AdapterFileError(f"{source}: lora_alpha for '{name}' must be a positive number, got {alpha!r}")
+        t.alpha = float(alpha)
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for pname, tensor in checked.saved_params.items():
+        if pname not in params:
+            raise AdapterFileError(f"{source}: saved module parameter '{pname}' is not in {type(model).__name__}")
+        if tuple(params[pname].shape) != tuple(tensor.shape):
+            raise AdapterFileError(
+                f"{source}: '{pname}' has shape {list(tensor.shape)}, the model's has {list(params[pname].shape)}"
+            )
+    return checked
 
 
 def load_adapter(model: nn.Module, directory: str | Path, *, as_dora: bool | None = None) -> AttachReport:
@@ -251,92 +310,63 @@ def load_adapter(model: nn.Module, directory: str | Path, *, as_dora: bool | Non
     magnitude set to ``||W0 + s·BA||_c`` (so the model computes exactly what the LoRA did).
     Everything is checked before the model is touched: on any error the model is unchanged.
     """
-    directory = Path(directory)
-    file_config, tensors = read_adapter(directory)
-    source = str(directory)
-    parsed = _parse_keys(tensors, source)
-    if not parsed.layers:
-        raise AdapterFileError(f"{source}: no lora_A / lora_B tensors found")
-    file_dora = bool(file_config.get("use_dora", False))
-    use_dora = file_dora if as_dora is None else as_dora
-    if file_dora and not use_dora:
+    checked = check_adapter(model, directory)
+    source = checked.source
+    use_dora = checked.use_dora if as_dora is None else as_dora
+    if checked.use_dora and not use_dora:
         raise AdapterFileError(f"{source}: a DoRA adapter cannot be loaded as plain LoRA (its magnitude would be lost)")
+    ranks = {n: t.r for n, t in checked.layers.items()}
+    alphas = {n: t.alpha for n, t in checked.layers.items()}
+    saved_modules = sorted({pname.rpartition(".")[0] for pname in checked.saved_params})
 
-    modules = dict(model.named_modules())
-    ranks: dict[str, int] = {}
-    for name, t in parsed.layers.items():
-        module = modules.get(name)
-        if module is None:
-            raise AdapterFileError(f"{source}: module '{name}' is not in {type(model).__name__}")
-        base = module.base_layer if isinstance(module, DoRALinear) else module
-        if not isinstance(base, SUPPORTED_BASE_TYPES):
-            raise AdapterFileError(f"{source}: module '{name}' is a {type(base).__name__}, not Linear/Conv1D")
-        ranks[name] = _check_layer(name, base, t, file_dora, source)
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    saved_modules: set[str] = set()
-    for pname, tensor in parsed.saved_params.items():
-        if pname not in params:
-            raise AdapterFileError(f"{source}: saved module parameter '{pname}' is not in {type(model).__name__}")
-        if tuple(params[pname].shape) != tuple(tensor.shape):
-            raise AdapterFileError(
-                f"{source}: '{pname}' has shape {list(tensor.shape)}, the model's has {list(params[pname].shape)}"
-            )
-        saved_modules.add(pname.rpartition(".")[0])
-
-    r_default = int(file_config.get("r", next(iter(ranks.values()))))
-    alpha_default = float(file_config.get("lora_alpha", r_default))
-    alphas = {n: float(_pattern_value(n, file_config.get("alpha_pattern"), alpha_default)) for n in ranks}
     existing = dora_layers(model)
     if existing:
-        _check_matches_attached(existing, ranks, alphas, use_dora, file_config, source)
-        report = None
+        _check_matches_attached(existing, checked, use_dora)
     else:
         config = DoRAConfig(
-            r=r_default,
-            alpha=alpha_default,
-            dropout=float(file_config.get("lora_dropout", 0.0) or 0.0),
+            r=int(checked.config.get("r") or next(iter(ranks.values()))),
+            alpha=float(checked.config.get("lora_alpha") or next(iter(alphas.values()))),
+            dropout=float(checked.config.get("lora_dropout") or 0.0),
             target_modules=sorted(ranks),
-            modules_to_save=sorted(saved_modules),
-            use_rslora=bool(file_config.get("use_rslora", False)),
+            modules_to_save=saved_modules,
+            use_rslora=checked.use_rslora,
             use_dora=use_dora,
         )
-        report = attach(model, config, ranks=ranks, alphas=alphas)
+        attach(model, config, ranks=ranks, alphas=alphas)
 
     layers = dora_layers(model)
+    params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
-        for name, t in parsed.layers.items():
+        for name, t in checked.layers.items():
             layer = layers[name]
             layer.lora_A.copy_(t.lora_a)
             layer.lora_B.copy_(t.lora_b)
             if use_dora:
                 # A LoRA file has no magnitude: m = ||W0 + s·BA||_c makes g = 1, the LoRA model exactly.
                 layer.lora_magnitude_vector.copy_(t.magnitude if t.magnitude is not None else layer.row_norms())
-        for pname, tensor in parsed.saved_params.items():
+        for pname, tensor in checked.saved_params.items():
             params[pname].copy_(tensor)
-    if report is None:
-        trainable, total = count_params(model)
-        report = AttachReport(sorted(ranks), sorted(saved_modules), trainable, total,
-                              "dora" if use_dora else "lora", ranks)
-    return report
+    trainable, total = count_params(model)
+    return AttachReport(sorted(ranks), saved_modules, trainable, total, "dora" if use_dora else "lora", ranks)
 
 
-def _check_matches_attached(existing: dict[str, DoRALinear], ranks: dict[str, int], alphas: dict[str, float],
-                            use_dora: bool, file_config: dict, source: str) -> None:
-    if set(existing) != set(ranks):
-        extra = sorted(set(ranks) - set(existing))[:3]
-        missing = sorted(set(existing) - set(ranks))[:3]
+def _check_matches_attached(existing: dict[str, DoRALinear], checked: CheckedAdapter, use_dora: bool) -> None:
+    source = checked.source
+    if set(existing) != set(checked.layers):
+        extra = sorted(set(checked.layers) - set(existing))[:3]
+        missing = sorted(set(existing) - set(checked.layers))[:3]
         raise AdapterFileError(
             f"{source}: the adapter's layers differ from those attached to the model "
             f"(in file only: {extra}, in model only: {missing})"
         )
     for name, layer in existing.items():
-        if layer.r != ranks[name] or layer.use_dora != use_dora:
+        t = checked.layers[name]
+        if layer.r != t.r or layer.use_dora != use_dora:
             raise AdapterFileError(
                 f"{source}: module '{name}' is attached with r={layer.r}, use_dora={layer.use_dora}; "
-                f"the file has r={ranks[name]}, use_dora={use_dora}"
+                f"the file has r={t.r}, use_dora={use_dora}"
             )
-        if layer.alpha != alphas[name] or layer.use_rslora != bool(file_config.get("use_rslora", False)):
+        if layer.alpha != t.alpha or layer.use_rslora != checked.use_rslora:
             raise AdapterFileError(f"{source}: module '{name}' is attached with a different alpha / rsLoRA setting")
 
 
