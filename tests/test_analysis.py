@@ -24,8 +24,8 @@ from d2ora.dora.analysis import (
     resolve_base_path,
     resolve_checkpoints,
     run_analysis,
-    write_outputs,
 )
+from d2ora.dora.analysis_report import write_outputs
 
 PREFIX = "base_model.model."
 

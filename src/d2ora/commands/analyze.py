@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from d2ora.dora.analysis import MODEL_CLASSES, AnalysisError, run_analysis, write_outputs
+from d2ora.dora.analysis import MODEL_CLASSES, AnalysisError, run_analysis
+from d2ora.dora.analysis_report import write_outputs
 
 
 def _fmt(x: float | None, spec: str = ".4g") -> str:
