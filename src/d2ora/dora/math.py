@@ -108,12 +108,13 @@ class _ScaleShiftInPlace(torch.autograd.Function):
         grad_z = grad_y * g if ctx.needs_input_grad[0] else None
         grad_g = None
         if ctx.needs_input_grad[1]:
-            dims = tuple(range(grad_y.dim() - 1))
-            # Σ_t grad_y·z = (Σ_t grad_y·y − bias·Σ_t grad_y) / g, without materialising z.
-            total = (grad_y * y).sum(dim=dims, dtype=torch.float32 if y.dtype != torch.float64 else None)
+            acc = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+            # Σ grad_y·z over the dims g was broadcast along = (Σ grad_y·y − bias·Σ grad_y) / g,
+            # without materialising z. sum_to_size keeps a stacked g's peer dimension apart.
+            total = (grad_y * y).to(acc).sum_to_size(g.shape)
             if ctx.has_bias:
-                total = total - bias.to(total.dtype) * grad_y.sum(dim=dims, dtype=total.dtype)
-            safe_g = torch.where(g == 0, torch.ones_like(g), g).to(total.dtype)
+                total = total - bias.to(acc) * grad_y.to(acc).sum_to_size(g.shape)
+            safe_g = torch.where(g == 0, torch.ones_like(g), g).to(acc)
             grad_g = torch.where(g == 0, torch.zeros_like(total), total / safe_g).to(g.dtype)
         return grad_z, grad_g, None
 

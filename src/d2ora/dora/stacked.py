@@ -1,0 +1,101 @@
+"""P adapter sets over one frozen layer, run in one forward: the peer-batched form of DoRALinear.
+
+The input's first dimension is peer-major: rows ``[k·b, (k+1)·b)`` belong to peer ``k`` of the
+active group. The frozen GEMM with W0 runs once over every peer's tokens; the low-rank path and
+the magnitude run per peer with batched matmuls. Parameters are stacked (``(P, r, in)``,
+``(P, out, r)``, ``(P, out)``), so one fused optimizer step updates every peer; AdamW is
+element-wise, so peers stay independent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2ora.dora import math as dora_math
+from d2ora.dora.layer import DoRALinear, base_weight_out_in
+
+
+class StackedDoRALinear(nn.Module):
+    """``DoRALinear`` with a leading peer dimension on m, A and B, sharing the base layer.
+
+    ``active`` selects the peers a forward serves (a contiguous range, for peer groups that keep
+    activations bounded); by default all. Peer k's math is exactly ``DoRALinear``'s, so
+    ``stacked.peer_layer(k)`` reproduces it for checking.
+    """
+
+    def __init__(self, template: DoRALinear, peers: int) -> None:
+        super().__init__()
+        if peers < 1:
+            raise ValueError(f"peers must be at least 1, got {peers}")
+        self.base_layer = template.base_layer
+        self.in_features = template.in_features
+        self.out_features = template.out_features
+        self.r = template.r
+        self.alpha = template.alpha
+        self.use_rslora = template.use_rslora
+        self.use_dora = template.use_dora
+        self.scaling = template.scaling
+        self.dropout = template.dropout
+        self.peers = peers
+        self.active = slice(0, peers)
+
+        def stack(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().unsqueeze(0).repeat(peers, *([1] * t.dim())).contiguous())
+
+        # Every peer starts from the same m, B, A (D²ORA's step 1).
+        self.lora_A = stack(template.lora_A)
+        self.lora_B = stack(template.lora_B)
+        if self.use_dora:
+            self.lora_magnitude_vector = stack(template.lora_magnitude_vector)
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+        self.register_buffer("w0_row_sq", template.w0_row_sq.clone(), persistent=False)
+
+    @property
+    def weight0(self) -> torch.Tensor:
+        return base_weight_out_in(self.base_layer)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def active_count(self) -> int:
+        return len(range(*self.active.indices(self.peers)))
+
+    @torch.no_grad()
+    def row_norms(self) -> torch.Tensor:
+        """``(P_active, out)`` detached ``||W0 + s·B_k A_k||_c`` by the factored formula."""
+        a, b = self.lora_A[self.active], self.lora_B[self.active]
+        return dora_math.factored_row_norms(self.weight0, self.w0_row_sq, a, b, self.scaling)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.active_count
+        if x.shape[0] % p:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {p} active peers")
+        base_out = F.linear(x, self.weight0)  # one GEMM over every peer's tokens
+        lead = x.shape[:-1]
+        x_lr = self.dropout(x).to(self.lora_A.dtype).reshape(p, -1, self.in_features)
+        a, b = self.lora_A[self.active], self.lora_B[self.active]
+        low_rank = torch.bmm(torch.bmm(x_lr, a.transpose(1, 2)), b.transpose(1, 2))  # (P, n, out)
+        combined = low_rank.mul_(self.scaling).to(base_out.dtype).add_(base_out.reshape(p, -1, self.out_features))
+        bias = self.bias
+        if self.use_dora:
+            g = dora_math.magnitude_scale(self.lora_magnitude_vector[self.active], self.row_norms())
+            y = dora_math.scale_shift_(combined, g.unsqueeze(1).to(combined.dtype), bias)
+        else:
+            y = combined if bias is None else combined.add_(bias)
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def peer_layer(self, k: int) -> DoRALinear:
+        """A standalone ``DoRALinear`` holding peer ``k``'s adapter over the shared base layer."""
+        p_drop = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+        layer = DoRALinear(self.base_layer, self.r, self.alpha, p_drop, self.use_rslora, self.use_dora)
+        layer.lora_A.copy_(self.lora_A[k])
+        layer.lora_B.copy_(self.lora_B[k])
+        if self.use_dora:
+            layer.lora_magnitude_vector.copy_(self.lora_magnitude_vector[k])
+        return layer
