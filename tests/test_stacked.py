@@ -55,3 +55,19 @@ def test_active_group_serves_a_slice_of_peers() -> None:
     assert torch.allclose(y[2:], stacked.peer_layer(3)(x[2:]), atol=1e-6)
     with pytest.raises(ValueError, match="does not split evenly over 2 active peers"):
         stacked(torch.randn(3, 20))
+
+
+def test_stacked_head_equals_one_linear_per_peer() -> None:
+    from d2ora.dora.stacked import StackedLinear
+
+    torch.manual_seed(1)
+    head = StackedLinear(nn.Linear(8, 5), peers=3)
+    with torch.no_grad():
+        head.weight.normal_()
+        head.bias.normal_()
+    x = torch.randn(6, 8)
+    y = head(x)
+    for k in range(3):
+        assert torch.allclose(y[2 * k: 2 * k + 2], head.peer_module(k)(x[2 * k: 2 * k + 2]), atol=1e-6)
+    with pytest.raises(TypeError, match="Conv1D"):
+        StackedLinear(Conv1D(4, 4), peers=2)

@@ -99,3 +99,46 @@ class StackedDoRALinear(nn.Module):
         if self.use_dora:
             layer.lora_magnitude_vector.copy_(self.lora_magnitude_vector[k])
         return layer
+
+
+class StackedLinear(nn.Module):
+    """P trainable copies of a dense ``nn.Linear`` (a ``modules_to_save`` head), one per peer."""
+
+    def __init__(self, template: nn.Linear, peers: int) -> None:
+        super().__init__()
+        if not isinstance(template, nn.Linear):
+            raise TypeError(
+                f"peer-batched training stacks nn.Linear saved modules only, not {type(template).__name__}"
+            )
+        self.in_features = template.in_features
+        self.out_features = template.out_features
+        self.peers = peers
+        self.active = slice(0, peers)
+        w = template.weight.detach()
+        self.weight = nn.Parameter(w.unsqueeze(0).repeat(peers, 1, 1).contiguous())
+        if template.bias is not None:
+            self.bias = nn.Parameter(template.bias.detach().unsqueeze(0).repeat(peers, 1).contiguous())
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight[self.active]
+        p = w.shape[0]
+        if x.shape[0] % p:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {p} active peers")
+        lead = x.shape[:-1]
+        flat = x.reshape(p, -1, self.in_features)
+        if self.bias is None:
+            y = torch.bmm(flat, w.transpose(1, 2))
+        else:
+            y = torch.baddbmm(self.bias[self.active].unsqueeze(1), flat, w.transpose(1, 2))
+        return y.reshape(*lead, self.out_features)
+
+    @torch.no_grad()
+    def peer_module(self, k: int) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        layer.weight.copy_(self.weight[k])
+        if self.bias is not None:
+            layer.bias.copy_(self.bias[k])
+        return layer
