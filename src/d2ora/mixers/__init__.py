@@ -1,0 +1,45 @@
+"""Aggregation rules for decentralized DoRA/LoRA: one small class per rule, one file per class.
+
+``MIXERS`` maps each rule's ``name`` to its class; ``make_mixer(name, **kwargs)`` builds one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from d2ora.mixers.base import LayerStack, Mixer, MixInput, MixOutput, mix_dense_linearly
+from d2ora.mixers.d2ora import D2oraMixer
+from d2ora.mixers.decaf import DecafMixer
+from d2ora.mixers.dimat import DimatMixer
+from d2ora.mixers.fedavg import FedAvgMixer
+from d2ora.mixers.local import LocalMixer
+
+MIXERS: dict[str, type] = {
+    cls.name: cls for cls in (D2oraMixer, DecafMixer, DimatMixer, FedAvgMixer, LocalMixer)
+}
+
+
+def make_mixer(name: str, **kwargs: Any) -> Mixer:
+    """The mixer registered as ``name``, constructed with ``kwargs`` (e.g. ``peer_weights`` for
+    ``fedavg``); a ValueError listing the valid names for an unknown one."""
+    try:
+        cls = MIXERS[name]
+    except KeyError:
+        raise ValueError(f"unknown mixer {name!r}; valid mixers: {', '.join(sorted(MIXERS))}") from None
+    return cls(**kwargs)
+
+
+__all__ = [
+    "MIXERS",
+    "D2oraMixer",
+    "DecafMixer",
+    "DimatMixer",
+    "FedAvgMixer",
+    "LayerStack",
+    "LocalMixer",
+    "MixInput",
+    "MixOutput",
+    "Mixer",
+    "make_mixer",
+    "mix_dense_linearly",
+]
