@@ -350,7 +350,7 @@ def analyze_adapter(
     source = str(checkpoint.path)
     try:
         # The same checks as loading an adapter: names, shapes, finite values, alpha.
-        checked = check_adapter(model, checkpoint.path)
+        checked = check_adapter(model, checkpoint.path, check_saved_modules=False)  # heads are not analysed
     except AdapterFileError as exc:
         raise AnalysisError(str(exc)) from exc
     pattern = _compile_layers(layers)

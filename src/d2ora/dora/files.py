@@ -259,8 +259,12 @@ def _check_layer(name: str, base: nn.Module, t: AdapterLayerTensors, use_dora: b
     return r
 
 
-def check_adapter(model: nn.Module, directory: str | Path) -> CheckedAdapter:
-    """Read an adapter folder and check it fits ``model`` (module names, shapes, values); touches nothing."""
+def check_adapter(model: nn.Module, directory: str | Path, *, check_saved_modules: bool = True) -> CheckedAdapter:
+    """Read an adapter folder and check it fits ``model`` (module names, shapes, values); touches nothing.
+
+    ``check_saved_modules=False`` skips the full-weight modules (e.g. a classification head whose
+    size depends on the task), for readers that only need the adapted layers.
+    """
     directory = Path(directory)
     file_config, tensors = read_adapter(directory)
     checked = CheckedAdapter(
@@ -293,7 +297,7 @@ def check_adapter(model: nn.Module, directory: str | Path) -> CheckedAdapter:
         t.alpha = float(alpha)
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    for pname, tensor in checked.saved_params.items():
+    for pname, tensor in checked.saved_params.items() if check_saved_modules else ():
         if pname not in params:
             raise AdapterFileError(f"{source}: saved module parameter '{pname}' is not in {type(model).__name__}")
         if tuple(params[pname].shape) != tuple(tensor.shape):

