@@ -824,12 +824,16 @@ def d2ora_source() -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to a temp file beside ``path``, then rename it over ``path`` (all or nothing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -963,6 +967,10 @@ def main(argv: list[str] | None = None) -> int:
     print_timing(results)
     print_memory(results)
     print_targets(results["targets"])
+    if args.quick:
+        console.print(
+            "[yellow]--quick shrinks the batches: a smoke run, its verdicts say nothing about the targets[/yellow]"
+        )
     write_json_atomic(args.out, results)
     console.print(f"JSON written to {args.out}")
     return 0
