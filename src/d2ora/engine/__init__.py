@@ -1,0 +1,1 @@
+"""Engine: running many peers (in-process simulator now; torch.distributed runtime later)."""

@@ -1,0 +1,87 @@
+"""PeerModel: stacked peers over one base equal separate per-peer models, files included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from d2ora import DoRAConfig, attach, load_adapter, save_adapter
+from d2ora.engine.peers import PeerModel
+from d2ora.mixers import make_mixer
+from tests.conftest import relative_error
+
+PEERS, PER_PEER = 3, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=48, vocab_size=64, num_labels=3, pad_token_id=0)
+    path = tmp_path_factory.mktemp("tiny_cls")
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    return str(path)
+
+
+def fresh(path: str):
+    return LlamaForSequenceClassification.from_pretrained(path).eval()
+
+
+def make_peers(path: str) -> PeerModel:
+    model = fresh(path)
+    attach(model, DoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["score"]))
+    peers = PeerModel(model, PEERS)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # give every peer its own adapter and head
+        for layer in peers.layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+            layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude_vector.shape, generator=g))
+        peers.heads["score"].weight.copy_(torch.randn(peers.heads["score"].weight.shape, generator=g))
+    return peers
+
+
+def test_peer_batched_forward_equals_each_peer_alone(tiny_classifier_dir: str, tmp_path: Path) -> None:
+    peers = make_peers(tiny_classifier_dir)
+    ids = torch.randint(1, 64, (PEERS * PER_PEER, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        batched = peers.model(input_ids=ids).logits
+    for k in range(PEERS):
+        rows = slice(k * PER_PEER, (k + 1) * PER_PEER)
+        with peers.peer_view(k) as view, torch.no_grad():
+            alone = view(input_ids=ids[rows]).logits
+            save_adapter(view, tmp_path / f"peer{k}")
+        assert relative_error(batched[rows], alone) < 1e-5
+        # The saved peer adapter means the same in d2ora and in PEFT.
+        reloaded = fresh(tiny_classifier_dir)
+        load_adapter(reloaded, tmp_path / f"peer{k}")
+        peft_model = PeftModel.from_pretrained(fresh(tiny_classifier_dir), tmp_path / f"peer{k}").eval()
+        with torch.no_grad():
+            assert relative_error(reloaded(input_ids=ids[rows]).logits, alone) < 1e-5
+            assert relative_error(peft_model(input_ids=ids[rows]).logits, alone) < 1e-5
+    with peers.peer_view(0) as view, torch.no_grad():  # the peers really differ
+        assert relative_error(view(input_ids=ids[PER_PEER:2 * PER_PEER]).logits, batched[PER_PEER:2 * PER_PEER]) > 1e-2
+    assert isinstance(peers.model.get_submodule("score"), type(peers.heads["score"]))  # views restored
+
+
+def test_serving_a_group_and_mixing_back(tiny_classifier_dir: str) -> None:
+    peers = make_peers(tiny_classifier_dir)
+    ids = torch.randint(1, 64, (PER_PEER, 7), generator=torch.Generator().manual_seed(3))
+    with peers.serving(slice(1, 2)) as model, torch.no_grad():
+        group = model(input_ids=ids).logits
+    with peers.peer_view(1) as view, torch.no_grad():
+        assert relative_error(group, view(input_ids=ids).logits) < 1e-5
+
+    layer = next(iter(peers.layers.values()))
+    param_before = layer.lora_B
+    expected_b = layer.lora_B.detach().mean(dim=0)
+    expected_head = peers.heads["score"].weight.detach().mean(dim=0)
+    uniform = torch.full((PEERS, PEERS), 1.0 / PEERS)
+    peers.apply(make_mixer("d2ora").mix(peers.mix_input(uniform)))
+    assert layer.lora_B is param_before  # same Parameter: optimizers keep tracking it
+    for k in range(PEERS):
+        assert torch.allclose(layer.lora_B[k], expected_b, atol=1e-6)
+        assert torch.allclose(peers.heads["score"].weight[k], expected_head, atol=1e-6)
