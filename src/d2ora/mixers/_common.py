@@ -47,30 +47,22 @@ def checked_weights(inputs: MixInput) -> torch.Tensor:
     return weights
 
 
-def mix_linear(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """``out[i] = Σ_j W[i, j] x[j]`` in at least fp32, returned in the input's dtype."""
-    compute = compute_dtype(stacked.dtype)
-    # W may live on the CPU while the stacks sit on an accelerator.
-    w = weights.to(device=stacked.device, dtype=compute)
-    return mix_dense_linearly(w, stacked.to(compute)).to(stacked.dtype)
-
-
 def mix_magnitude(weights: torch.Tensor, magnitude: torch.Tensor | None) -> torch.Tensor | None:
     """DoRA magnitudes are plain vectors in a fixed basis (one entry per output row), so every rule
     mixes them linearly; LoRA (``None``) has none."""
-    return None if magnitude is None else mix_linear(weights, magnitude)
+    return None if magnitude is None else mix_dense_linearly(weights, magnitude)
 
 
 def mix_dense(weights: torch.Tensor, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Dense trainable tensors (e.g. a classification head) have no factor structure: linear mix."""
-    return {name: mix_linear(weights, t) for name, t in dense.items()}
+    return {name: mix_dense_linearly(weights, t) for name, t in dense.items()}
 
 
 def mix_stack_linearly(weights: torch.Tensor, stack: LayerStack) -> LayerStack:
     """A, B and m each averaged with W: the D²ORA / DLoRA / FedAvg rule for one layer."""
     return LayerStack(
-        lora_a=mix_linear(weights, stack.lora_a),
-        lora_b=mix_linear(weights, stack.lora_b),
+        lora_a=mix_dense_linearly(weights, stack.lora_a),
+        lora_b=mix_dense_linearly(weights, stack.lora_b),
         magnitude=mix_magnitude(weights, stack.magnitude),
         scaling=stack.scaling,
     )

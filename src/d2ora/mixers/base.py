@@ -62,6 +62,13 @@ class Mixer(Protocol):
 
 
 def mix_dense_linearly(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """``out[i] = Σ_j W[i, j] · x[j]`` over the peer dimension (dim 0), for any trailing shape."""
-    flat = stacked.reshape(stacked.shape[0], -1)
-    return (weights.to(flat.dtype) @ flat).reshape(stacked.shape)
+    """``out[i] = Σ_j W[i, j] · x[j]`` over the peer dimension (dim 0), for any trailing shape.
+
+    Computed in at least fp32 and returned in the input's dtype: in bf16 a 1/3 weight is 0.33398,
+    so rows would stop summing to 1 and repeated mixing would drift the mean. W may live on the
+    CPU while the stacks sit on an accelerator.
+    """
+    compute = torch.promote_types(stacked.dtype, torch.float32)
+    flat = stacked.reshape(stacked.shape[0], -1).to(compute)
+    mixed = weights.to(device=flat.device, dtype=compute) @ flat
+    return mixed.reshape(weights.shape[0], *stacked.shape[1:]).to(stacked.dtype)
