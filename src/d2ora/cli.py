@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from d2ora.commands import analyze, train
+from d2ora.commands import analyze, simulate, train
 
 app = typer.Typer(
     name="d2ora",
-    help="Decentralized DoRA fine-tuning: train, analyse and (soon) simulate peers.",
+    help="Decentralized DoRA fine-tuning: simulate peers, compare mixers, train and analyse adapters.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 train.register(app)
+simulate.register(app)
 analyze.register(app)
 
 

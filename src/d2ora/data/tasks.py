@@ -91,6 +91,12 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict[str, float]:
         """Metrics over every batch; the model is put in eval mode and then restored."""
 
+    @abstractmethod
+    def peer_losses(self, model: nn.Module, batch: Batch, peers: int) -> torch.Tensor:
+        """``(peers,)`` training losses of a peer-major batch (rows ``[k·b, (k+1)·b)`` are peer k's),
+        each the mean over that peer's own examples / target tokens, exactly as :meth:`loss` on
+        the peer's rows alone. Their sum has each peer's own gradient in that peer's parameters."""
+
 
 @dataclass
 class ClassificationTask(Task):
@@ -143,6 +149,11 @@ class ClassificationTask(Task):
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits = model(**_model_inputs(batch)).logits
         return F.cross_entropy(logits.float(), batch[LABELS])
+
+    def peer_losses(self, model: nn.Module, batch: Batch, peers: int) -> torch.Tensor:
+        logits = model(**_model_inputs(batch)).logits
+        per_example = F.cross_entropy(logits.float(), batch[LABELS], reduction="none")
+        return per_example.view(peers, -1).mean(dim=1)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict[str, float]:
@@ -225,6 +236,14 @@ class CausalLMTask(Task):
         logits = model(**_model_inputs(batch)).logits
         nll, count = token_nll_sum(logits, batch[LABELS])
         return nll / max(count, 1)
+
+    def peer_losses(self, model: nn.Module, batch: Batch, peers: int) -> torch.Tensor:
+        logits = model(**_model_inputs(batch)).logits[:, :-1, :].float()
+        targets = batch[LABELS][:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        per_peer_sum = nll.reshape(peers, -1).sum(dim=1)
+        per_peer_tokens = (targets != IGNORE_INDEX).reshape(peers, -1).sum(dim=1).clamp_min(1)
+        return per_peer_sum / per_peer_tokens
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict[str, float]:

@@ -115,8 +115,15 @@ class DoRALinear(nn.Module):
         w0 = self.weight0
         base_out = F.linear(x, w0)  # the one GEMM with W0; bias is added after scaling
         x_lr = self.dropout(x).to(self.lora_A.dtype)
-        low_rank = F.linear(F.linear(x_lr, self.lora_A), self.lora_B).mul_(self.scaling).to(base_out.dtype)
-        combined = low_rank.add_(base_out)
+        xa = F.linear(x_lr, self.lora_A)
+        if xa.dtype == base_out.dtype:
+            # s·(xA^T)B^T added to the base output by the GEMM itself (no low-rank temporary). Out of
+            # place: an in-place op on the 2-D view would make autograd clone the activation in backward.
+            flat = base_out.reshape(-1, self.out_features)
+            combined = torch.addmm(flat, xa.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
+            combined = combined.view(base_out.shape)
+        else:
+            combined = F.linear(xa, self.lora_B).mul_(self.scaling).to(base_out.dtype).add_(base_out)
         bias = self.bias
         if self.use_dora:
             return dora_math.scale_shift_(combined, self.magnitude_scale().to(combined.dtype), bias)

@@ -75,12 +75,19 @@ class StackedDoRALinear(nn.Module):
         p = self.active_count
         if x.shape[0] % p:
             raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {p} active peers")
-        base_out = F.linear(x, self.weight0)  # one GEMM over every peer's tokens
+        base_out = F.linear(x, self.weight0).reshape(p, -1, self.out_features)  # one GEMM over every peer's tokens
         lead = x.shape[:-1]
         x_lr = self.dropout(x).to(self.lora_A.dtype).reshape(p, -1, self.in_features)
         a, b = self.lora_A[self.active], self.lora_B[self.active]
-        low_rank = torch.bmm(torch.bmm(x_lr, a.transpose(1, 2)), b.transpose(1, 2))  # (P, n, out)
-        combined = low_rank.mul_(self.scaling).to(base_out.dtype).add_(base_out.reshape(p, -1, self.out_features))
+        xa = torch.bmm(x_lr, a.transpose(1, 2))  # (P, n, r)
+        if xa.dtype == base_out.dtype:
+            # s·(xA^T)B^T added to the base output by the GEMM itself (no low-rank temporary). Out of
+            # place on purpose: base_out is a view, and an in-place op on a view makes autograd clone
+            # the whole activation in backward (CopySlices), which costs more than it saves.
+            combined = torch.baddbmm(base_out, xa, b.transpose(1, 2), alpha=self.scaling)
+        else:
+            low_rank = torch.bmm(xa, b.transpose(1, 2)).mul_(self.scaling)
+            combined = low_rank.to(base_out.dtype).add_(base_out)
         bias = self.bias
         if self.use_dora:
             g = dora_math.magnitude_scale(self.lora_magnitude_vector[self.active], self.row_norms())

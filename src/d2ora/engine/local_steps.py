@@ -1,0 +1,210 @@
+"""Local training of P peers at once: peer-batched forward/backward and one fused AdamW step.
+
+Every peer's batch goes through the shared frozen base in one pass (peer-major rows), in peer
+groups of ``group_size`` so activations stay bounded for many peers. The loss is the *sum* of each
+peer's own mean loss, so peer k's parameters (slice k of every stack) get exactly the gradient of
+peer k's loss. Clipping is per peer (a global clip would couple the peers), and AdamW is
+element-wise, so one optimizer over the stacks is P independent optimizers.
+
+``step(..., sequential=True)`` runs the same step one peer at a time (each peer's batch padded on
+its own): the reference the peer-batched path is checked against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from d2ora.data.tasks import Batch, Task
+from d2ora.engine.peers import PeerModel
+
+Collate = Callable[[list[dict[str, Any]]], Batch]
+
+
+class PeerSampler:
+    """Each peer draws training batches from its own shard: a fresh seeded permutation per local
+    epoch, wrapping into the next one mid-batch. A shard smaller than the batch repeats examples
+    within a batch (a peer with little data still takes full steps)."""
+
+    def __init__(self, shards: Sequence[np.ndarray], batch_size: int, seed: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        empty = [k for k, shard in enumerate(shards) if len(shard) == 0]
+        if empty:
+            raise ValueError(f"peer(s) {empty} hold no training examples")
+        self.shards = [np.asarray(s, dtype=np.int64) for s in shards]
+        self.batch_size = batch_size
+        self._rngs = [np.random.default_rng([seed, k]) for k in range(len(shards))]
+        self._orders = [rng.permutation(shard) for rng, shard in zip(self._rngs, self.shards)]
+        self._positions = [0] * len(shards)
+
+    @property
+    def peers(self) -> int:
+        return len(self.shards)
+
+    def draw(self, peer: int) -> np.ndarray:
+        """The next ``batch_size`` example indices of ``peer``."""
+        taken: list[np.ndarray] = []
+        needed = self.batch_size
+        while needed:
+            order, pos = self._orders[peer], self._positions[peer]
+            if pos == len(order):
+                order = self._orders[peer] = self._rngs[peer].permutation(self.shards[peer])
+                pos = 0
+            chunk = order[pos : pos + needed]
+            taken.append(chunk)
+            self._positions[peer] = pos + len(chunk)
+            needed -= len(chunk)
+        return np.concatenate(taken)
+
+    def draw_all(self) -> list[np.ndarray]:
+        return [self.draw(k) for k in range(self.peers)]
+
+
+def stacked_parameters(peer_model: PeerModel) -> list[nn.Parameter]:
+    """Every trainable parameter, each checked to carry the peer dimension first.
+
+    A trainable tensor outside the stacks would be shared by all peers and silently couple them.
+    """
+    stacked = {id(p) for m in (*peer_model.layers.values(), *peer_model.heads.values()) for p in m.parameters()}
+    params = [p for p in peer_model.model.parameters() if p.requires_grad]
+    shared = [n for n, p in peer_model.model.named_parameters() if p.requires_grad and id(p) not in stacked]
+    if shared:
+        raise ValueError(
+            f"trainable parameters outside the peer stacks would be shared by every peer: {shared[:5]}; "
+            "freeze them or list their module in modules_to_save"
+        )
+    return params
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the stacks, fused where torch supports it (one kernel for every peer's update).
+
+    Weight decay applies to matrices only (stacked ndim >= 3: A, B, head weights); decaying a DoRA
+    magnitude pulls the layer's output to 0 instead of regularising the update.
+    """
+    decay = [p for p in params if p.ndim >= 3]
+    no_decay = [p for p in params if p.ndim < 3]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # dtype / device without a fused kernel
+        return torch.optim.AdamW(groups, lr=lr)
+
+
+@torch.no_grad()
+def clip_per_peer_(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale peer k's gradient (slice k of every stack) so its L2 norm is at most ``max_norm``,
+    with ``torch.nn.utils.clip_grad_norm_``'s formula; returns the ``(P,)`` norms before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    squares = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)
+    norms = squares.sqrt()
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
+    return norms
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0."""
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LocalTrainer:
+    """One local step for every peer at once (or one peer at a time, for checking)."""
+
+    def __init__(
+        self,
+        peer_model: PeerModel,
+        task: Task,
+        collate: Collate,
+        *,
+        lr: float,
+        total_steps: int,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        group_size: int | None = None,
+        base_dropout: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.peer_model = peer_model
+        self.task = task
+        self.collate = collate
+        self.params = stacked_parameters(peer_model)
+        self.optimizer = make_optimizer(self.params, lr, weight_decay)
+        self.scheduler = linear_schedule(self.optimizer, total_steps, warmup_ratio)
+        self.max_grad_norm = max_grad_norm
+        self.group_size = group_size or peer_model.peers
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be at least 1, got {group_size}")
+        self.device = torch.device(device)
+        self.base_dropout = base_dropout
+
+    def _train_mode(self) -> None:
+        """Adapters train; the frozen base runs in eval mode unless ``base_dropout``.
+
+        The base's dropout regularises weights that never change here, and on a CPU drawing its
+        masks (attention probabilities above all) costs about a third of a MiniLM step.
+        """
+        model = self.peer_model.model
+        model.train(self.base_dropout)
+        for module in (*self.peer_model.layers.values(), *self.peer_model.heads.values()):
+            module.train()
+
+    def _groups(self, sequential: bool) -> list[slice]:
+        size = 1 if sequential else self.group_size
+        peers = self.peer_model.peers
+        return [slice(start, min(start + size, peers)) for start in range(0, peers, size)]
+
+    def step(self, features: Sequence[list[dict[str, Any]]], sequential: bool = False) -> torch.Tensor:
+        """One AdamW step of every peer on its own examples ``features[k]`` (equal counts);
+        returns the ``(P,)`` losses before the step."""
+        peers = self.peer_model.peers
+        if len(features) != peers:
+            raise ValueError(f"got batches for {len(features)} peers, the model holds {peers}")
+        sizes = {len(f) for f in features}
+        if len(sizes) != 1 or 0 in sizes:
+            # Stacked layers split rows evenly by peer: unequal counts would hand rows to the wrong peer.
+            raise ValueError(f"every peer needs the same positive number of examples per step, got {[len(f) for f in features]}")
+        model = self.peer_model.model
+        self._train_mode()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = torch.empty(peers)
+        for group in self._groups(sequential):
+            rows = [example for k in range(group.start, group.stop) for example in features[k]]
+            batch = {key: value.to(self.device) for key, value in self.collate(rows).items()}
+            with self.peer_model.serving(group):
+                peer_losses = self.task.peer_losses(model, batch, group.stop - group.start)
+            peer_losses.sum().backward()
+            losses[group] = peer_losses.detach().float().cpu()
+        if self.max_grad_norm is not None:
+            clip_per_peer_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return losses
+
+    def reset_factor_moments(self) -> None:
+        """Forget AdamW's state for every A and B (moments and step count).
+
+        After a mixer re-expresses the factors in a new basis (DeCAF's SVD split, DIMAT's
+        permutations) the old moments describe other coordinates. Dropping the step count too
+        matters: zeroed moments with a large step count skip Adam's bias correction and make the
+        next update about 3x too large. Magnitudes and heads keep their coordinates and state.
+        """
+        for layer in self.peer_model.layers.values():
+            for param in (layer.lora_A, layer.lora_B):
+                self.optimizer.state.pop(param, None)

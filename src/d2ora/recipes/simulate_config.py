@@ -1,0 +1,188 @@
+"""SimulateConfig: every knob of one decentralized run, validated before anything loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from d2ora.data.partition import SCHEMES
+from d2ora.data.sources import BBC_NEWS
+from d2ora.data.tasks import TaskName
+from d2ora.dora.config import DoRAConfig
+from d2ora.mixers import MIXERS
+from d2ora.models import DEFAULT_MODEL
+from d2ora.topology import MIXING_RULES, TOPOLOGY_NAMES
+
+#: Runs that are not a mixer: one peer trained on the pooled data (the upper bound).
+CENTRALIZED = "centralized"
+MIXER_CHOICES = (*sorted(MIXERS), CENTRALIZED)
+#: Measured on a 2-core CPU with MiniLM (benchmarks/simulate_scale.py): passes of about 2k tokens
+#: are fastest; larger ones are memory-bound in their elementwise work.
+CPU_TOKENS_PER_PASS = 2048
+
+
+def _key(value: str) -> str:
+    return str(value).strip().lower().replace("-", "_")
+
+
+class SimulateConfig(BaseModel):
+    """One ``d2ora simulate`` run; ``d2ora simulate --config run.yaml --set key=value`` reads it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # --- data
+    model: str | None = Field(None, description="Preset ('minilm', 'smollm2'), local folder, .gguf file or Hub name; null: the task's default.")
+    task: TaskName = Field("classification", description="'classification' (accuracy) or 'causal_lm' (perplexity).")
+    data: str | dict[str, list[Any]] = Field(BBC_NEWS, description="'bbc_news' (shipped), a local file or folder, a Hub name (online), or inline columns.")
+    data_split: str = Field("train", description="Split read from a Hub dataset.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Class label column (classification; also drives label-skewed partitions).")
+    max_length: int = Field(128, gt=1, description="Tokens per example; longer texts are truncated.")
+    test_fraction: float = Field(0.15, gt=0, lt=1, description="Share held out as the one global test set.")
+    max_train_samples: int | None = Field(None, gt=0, description="Cap on the pooled training examples before partitioning (null: all).")
+    max_test_samples: int | None = Field(200, gt=0, description="Cap on the global test set (stratified; null: all).")
+    seed: int = Field(0, description="Seeds splits, partition, adapter init, batch order.")
+
+    # --- peers and their data
+    peers: int = Field(8, ge=1, description="Number of peers.")
+    partition: str = Field("dirichlet", description=f"How the pool is dealt to peers: {', '.join(SCHEMES)}.")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller: more label skew).")
+    labels_per_peer: int = Field(2, ge=1, description="k for the 'k_labels' partition.")
+    min_partition_size: int = Field(10, ge=1, description="Smallest shard the Dirichlet partitioner accepts.")
+    local_val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each peer's shard kept as its local validation split.")
+
+    # --- graph and mixing
+    topology: str = Field("ring", description=f"Gossip graph: {', '.join(TOPOLOGY_NAMES)}.")
+    topology_params: dict[str, Any] = Field(default_factory=dict, description="Extra builder arguments, e.g. {p: 0.3, seed: 1} for erdos_renyi, {path: edges.txt} for file.")
+    mixing: str = Field("metropolis_hastings", description=f"Mixing weights: {', '.join(MIXING_RULES)}.")
+    mixer: str = Field("decaf", description=f"Aggregation rule: {', '.join(MIXER_CHOICES)}.")
+
+    # --- adapter
+    method: Literal["dora", "lora"] = Field("dora", description="'dora' or plain 'lora' (no magnitude).")
+    r: int = Field(8, gt=0, description="Adapter rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="Scaling numerator: s = lora_alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input while training (0: runs are short, and masks cost CPU time).")
+    base_dropout: bool = Field(False, description="Keep the frozen base model's own dropout on while training (off: the base runs in eval mode).")
+    target_modules: list[str] | str = Field(default_factory=lambda: ["all-linear"], description="Layers to adapt.")
+    use_rslora: bool = Field(False, description="s = lora_alpha / sqrt(r).")
+    modules_to_save: list[str] | None = Field(None, description="Trained in full per peer; null: the new classification head.")
+
+    # --- rounds
+    rounds: int = Field(4, ge=1, description="Communication rounds R.")
+    local_steps: int = Field(8, ge=1, description="Local AdamW steps T per round.")
+    batch_size: int = Field(8, ge=1, description="Examples per peer per local step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warm-up; then linear decay to 0.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Per-peer gradient clipping (null: none).")
+    peer_group_size: int | None = Field(
+        None, ge=1,
+        description="Peers per forward pass (bounds activation memory); null: all peers on a GPU, and on a CPU as many "
+        "as fit in about 2048 tokens (bigger passes spill the CPU caches and run slower, see benchmarks/simulate_scale.py).",
+    )
+    sequential: bool = Field(False, description="Train one peer per pass (the reference path; slower).")
+    dimat_examples: int = Field(4, ge=1, description="Own examples each peer feeds through its model to align neighbours (dimat).")
+    dimat_max_tokens: int = Field(512, ge=1, description="Tokens per peer and layer kept for DIMAT's activation matching.")
+
+    # --- evaluation and outputs
+    eval_every: int = Field(1, ge=1, description="Evaluate every this many rounds (and always after the last).")
+    eval_peers: bool = Field(True, description="Score every peer's own model on the test set (else only the consensus model).")
+    eval_batch_size: int = Field(64, ge=1, description="Examples per evaluation batch.")
+    output_dir: Path = Field(Path("runs/simulate"), description="Report folder.")
+    save_adapters: bool = Field(True, description="Write every peer's final adapter (PEFT format).")
+    save_merged: bool = Field(True, description="Write the merged consensus model (dense, loads without d2ora).")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+    @field_validator("mixer")
+    @classmethod
+    def _known_mixer(cls, value: str) -> str:
+        key = _key(value)
+        if key not in MIXER_CHOICES:
+            raise ValueError(f"unknown mixer {value!r}; choose one of {', '.join(MIXER_CHOICES)}")
+        return key
+
+    @field_validator("partition")
+    @classmethod
+    def _known_partition(cls, value: str) -> str:
+        key = _key(value)
+        if key not in SCHEMES:
+            raise ValueError(f"unknown partition {value!r}; choose one of {', '.join(SCHEMES)}")
+        return key
+
+    @field_validator("topology")
+    @classmethod
+    def _known_topology(cls, value: str) -> str:
+        key = _key(value)
+        if key not in TOPOLOGY_NAMES:
+            raise ValueError(f"unknown topology {value!r}; choose one of {', '.join(TOPOLOGY_NAMES)}")
+        return key
+
+    @field_validator("mixing")
+    @classmethod
+    def _known_mixing(cls, value: str) -> str:
+        key = _key(value)
+        if key not in MIXING_RULES:
+            raise ValueError(f"unknown mixing rule {value!r}; choose one of {', '.join(MIXING_RULES)}")
+        return key
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except RuntimeError as exc:
+                raise ValueError(f"not a torch device ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SimulateConfig:
+        if self.partition != "iid" and self.task == "causal_lm" and self.label_column is None:
+            raise ValueError(f"partition '{self.partition}' needs class labels; use partition=iid for unlabelled text")
+        if self.peer_group_size is not None and self.peer_group_size > self.peers:
+            raise ValueError(f"peer_group_size={self.peer_group_size} exceeds peers={self.peers}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODEL[self.task]
+
+    @property
+    def centralized(self) -> bool:
+        return self.mixer == CENTRALIZED
+
+    def group_size(self, device: torch.device) -> int:
+        """Peers per pass: the configured size, or the default for ``device`` (see the field)."""
+        peers = 1 if self.centralized else self.peers
+        if self.peer_group_size is not None:
+            return min(self.peer_group_size, peers)
+        if device.type != "cpu":
+            return peers
+        return max(1, min(peers, CPU_TOKENS_PER_PASS // (self.batch_size * self.max_length)))
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * self.local_steps
+
+    def dora_config(self, modules_to_save: list[str]) -> DoRAConfig:
+        return DoRAConfig(
+            r=self.r, alpha=self.lora_alpha, dropout=self.dropout, target_modules=self.target_modules,
+            modules_to_save=modules_to_save, use_rslora=self.use_rslora, use_dora=self.method == "dora",
+            init_seed=self.seed,
+        )
+
+    def partition_params(self) -> dict[str, Any]:
+        if self.partition == "dirichlet":
+            return {"alpha": self.dirichlet_alpha, "min_size": self.min_partition_size}
+        if self.partition == "k_labels":
+            return {"k": self.labels_per_peer}
+        return {}
+
+    def partition_label(self) -> str:
+        params = self.partition_params()
+        params.pop("min_size", None)
+        inner = ", ".join(f"{k}={v}" for k, v in params.items())
+        return f"{self.partition}({inner})" if inner else self.partition

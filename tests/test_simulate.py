@@ -1,0 +1,151 @@
+"""End to end: `d2ora simulate` / `compare` on MiniLM + BBC News, small enough for CI.
+
+What is checked against something independent: the saved per-peer adapters load in PEFT and give
+the d2ora peer's logits; the merged consensus model loads in plain transformers and gives the
+consensus adapter's logits; a seeded run repeats bit for bit; the bytes each peer sends follow
+from the graph; the CLI turns bad configs into one red line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from typer.testing import CliRunner
+
+from d2ora import load_adapter
+from d2ora.cli import app
+from d2ora.config_io import ConfigError, load_config
+from d2ora.engine.metrics_log import read_rows
+from d2ora.recipes.compare import compare, parse_mixers
+from d2ora.recipes.simulate import simulate
+from d2ora.recipes.simulate_config import SimulateConfig
+from d2ora.topology import mixing_matrix, ring
+from tests.conftest import load_minilm_classifier, minilm_path, relative_error
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "peers": 4, "rounds": 2, "local_steps": 2, "batch_size": 2, "max_length": 24, "max_train_samples": 90,
+    "max_test_samples": 12, "eval_batch_size": 12, "min_partition_size": 5, "r": 2, "lr": 3e-3,
+}
+
+
+def tiny_config(tmp_path: Path, **changes) -> SimulateConfig:
+    return SimulateConfig(**{**TINY, "output_dir": tmp_path, **changes})
+
+
+def _logits(model, texts: list[str]) -> torch.Tensor:
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=24, return_token_type_ids=False)
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+TEXTS = ["Shares fell sharply after the bank's results.", "The striker scored twice in the final."]
+
+
+@pytest.fixture(scope="module")
+def decaf_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("decaf")
+    summary = simulate(tiny_config(out, mixer="decaf"))
+    return out, summary
+
+
+def test_run_writes_report_metrics_and_files(decaf_run) -> None:
+    out, summary = decaf_run
+    rows = read_rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["samples_seen"] == TINY["rounds"] * TINY["local_steps"] * TINY["peers"] * TINY["batch_size"]
+    for name in ("report.md", "metrics.csv", "summary.json", "config.yaml", "plots/metric.png", "plots/consensus.png"):
+        assert (out / name).is_file(), name
+    assert len(summary["adapters"]) == TINY["peers"]
+    # Round 0: every peer is the same model, so the distances are exactly zero.
+    assert rows[0]["consensus_distance"]["product"] == 0
+    assert rows[1]["consensus_distance"]["product"] > 0
+    # On a ring each peer sends its whole adapter to its 2 neighbours per round.
+    w = mixing_matrix(ring(TINY["peers"]))
+    receivers = (w != 0).sum(axis=0) - 1
+    assert rows[1]["bytes_sent"] == [int(n) * summary["message_bytes"] for n in receivers]
+    assert summary["message_bytes"] == 4 * summary["trainable_params_per_peer"]  # fp32 m, B, A and head
+
+
+def test_saved_peer_adapter_loads_in_peft_with_the_same_logits(decaf_run) -> None:
+    out, _ = decaf_run
+    peer = out / "adapters" / "peer-1"
+    ours = load_minilm_classifier()
+    load_adapter(ours, peer)
+    config = json.loads((peer / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["r"] == TINY["r"]
+    theirs = PeftModel.from_pretrained(load_minilm_classifier(), peer).eval()
+    assert relative_error(_logits(ours.eval(), TEXTS), _logits(theirs, TEXTS)) < 1e-5
+
+
+def test_merged_consensus_model_equals_consensus_adapter(decaf_run) -> None:
+    out, _ = decaf_run
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "consensus" / "merged").eval()
+    adapted = load_minilm_classifier()
+    load_adapter(adapted, out / "consensus" / "adapter")
+    assert relative_error(_logits(merged, TEXTS), _logits(adapted.eval(), TEXTS)) < 1e-4
+
+
+def test_seeded_run_repeats_exactly(decaf_run, tmp_path: Path) -> None:
+    out, _ = decaf_run
+    again = tmp_path / "again"
+    simulate(tiny_config(again, mixer="decaf"))
+    for a, b in zip(read_rows(out), read_rows(again), strict=True):
+        a.pop("wall_time_s"), b.pop("wall_time_s")
+        assert a == b
+    # Tensors bit for bit (the file bytes may not be: safetensors orders header metadata freely).
+    first = load_file(out / "adapters" / "peer-2" / "adapter_model.safetensors")
+    second = load_file(again / "adapters" / "peer-2" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_compare_runs_every_mixer_on_the_same_partition(tmp_path: Path) -> None:
+    summaries = compare(tiny_config(tmp_path, rounds=1, eval_peers=False, save_merged=False), ["local", "fedavg", "centralized"])
+    assert [s["mixer"] for s in summaries] == ["local", "fedavg", "centralized"]
+    local, fedavg, central = summaries
+    assert local["label_counts"] == fedavg["label_counts"]  # same seed: same partition
+    assert local["final"]["bytes_sent_total"] == 0
+    assert fedavg["final"]["bytes_sent_total"] == TINY["peers"] * fedavg["message_bytes"]
+    assert central["peers"] == 1 and central["batch_size"] == TINY["peers"] * TINY["batch_size"]
+    assert central["final"]["samples_seen"] == local["final"]["samples_seen"]
+    assert fedavg["final"]["consensus_distance"]["product"] < 1e-10  # everyone holds the server's average
+    text = (tmp_path / "compare.md").read_text()
+    assert all(name in text for name in ("local", "fedavg", "centralized"))
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="mixer"):
+        load_config(SimulateConfig, None, ["mixer=gossipy"])
+    with pytest.raises(ConfigError, match="peer_group_size"):
+        load_config(SimulateConfig, None, ["peers=2", "peer_group_size=4"])
+    with pytest.raises(ValueError, match="unknown mixer"):
+        parse_mixers("local,nope")
+
+
+def test_default_config_file_equals_the_defaults() -> None:
+    assert load_config(SimulateConfig, REPO / "configs" / "simulate_default.yaml", []) == SimulateConfig()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "topology=torus", "--set", "peers=7"], "torus"),
+        (["--set", "dirichlet_alpha=-1"], "dirichlet_alpha"),
+        (["--mixer", "nope"], "unknown mixer"),
+    ],
+)
+def test_cli_bad_input_is_one_red_line(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["simulate", *args, "-o", str(tmp_path)])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "metrics.jsonl").exists()
