@@ -21,7 +21,7 @@ $(VENV)/.d2ora-installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/d2ora train
+	$(BIN)/d2ora simulate
 
 test: setup
 	$(BIN)/python -m pytest

@@ -576,8 +576,12 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _positive(xs: Sequence[Any], ys: Sequence[float | None]) -> tuple[list[Any], list[float]]:
-    """The points a log axis can show: zero (P = 1), negative, NaN and missing values are dropped."""
-    kept = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and y > 0]
+    """The points a log axis can show: zero (P = 1), negative, NaN and missing values are dropped, and
+    so are values below 1e-16 of the series' largest (float64 rounding of a true zero, e.g. the merged
+    weights of identical peers, would otherwise stretch the axis over 25 decades)."""
+    finite = [y for y in ys if y is not None and math.isfinite(y) and y > 0]
+    floor = 1e-16 * max(finite, default=0.0)
+    kept = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and y > floor]
     return [x for x, _ in kept], [y for _, y in kept]
 
 

@@ -22,6 +22,14 @@ SetOption = Annotated[
 OutputOption = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Report folder.", show_default=False)]
 
 
+def _console() -> Console:
+    """Rich's 80 columns for piped output squeeze the results tables unreadably: logs get 160."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    return console
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     from d2ora.data.partition import PartitionError
     from d2ora.topology import TopologyError
@@ -51,7 +59,7 @@ def simulate(
     if output_dir is not None:
         updates["output_dir"] = str(output_dir)
     try:
-        run_simulate(_config(config, set_, updates), console=Console())
+        run_simulate(_config(config, set_, updates), console=_console())
     except _user_errors() as exc:
         raise fail(str(exc)) from None
 
@@ -75,7 +83,7 @@ def compare(
         cfg = _config(config, set_, updates)
         if output_dir is None and cfg.output_dir == Path("runs/simulate"):  # the simulate default: give compare its own
             cfg = cfg.model_copy(update={"output_dir": Path("runs/compare")})
-        run_compare(cfg, names, console=Console())
+        run_compare(cfg, names, console=_console())
     except _user_errors() as exc:
         raise fail(str(exc)) from None
 

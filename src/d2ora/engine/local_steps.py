@@ -200,8 +200,8 @@ class LocalTrainer:
     def reset_factor_moments(self) -> None:
         """Forget AdamW's state for every A and B (moments and step count).
 
-        After a mixer re-expresses the factors in a new basis (DeCAF's SVD split, DIMAT's
-        permutations) the old moments describe other coordinates. Dropping the step count too
+        After a mixer re-expresses the factors in a new basis (DeCAF's SVD split) the old
+        moments describe other coordinates. Dropping the step count too
         matters: zeroed moments with a large step count skip Adam's bias correction and make the
         next update about 3x too large. Magnitudes and heads keep their coordinates and state.
         """

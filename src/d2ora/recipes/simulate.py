@@ -97,8 +97,11 @@ def _labels_of(tokenised: Dataset) -> tuple[np.ndarray | None, list[str] | None]
     return None, None
 
 
-def prepare_peer_data(config: SimulateConfig, tokenizer_loader: Any) -> tuple[PeerData, Any]:
-    """Split, tokenise and partition; returns the data and the loaded model bundle."""
+def prepare_peer_data(config: SimulateConfig, load_model_for: Any) -> tuple[PeerData, Any]:
+    """Split, tokenise and partition; returns the data and the loaded model bundle.
+
+    ``load_model_for(task)`` loads the model (its tokenizer is needed to tokenise, and a
+    classification head needs the task's label names)."""
     classify = config.task == "classification"
     raw = load_source(
         config.data, text_column=config.text_column,
@@ -110,7 +113,7 @@ def prepare_peer_data(config: SimulateConfig, tokenizer_loader: Any) -> tuple[Pe
     pool = subsample(raw.select(idx["train"]), config.max_train_samples, config.seed, stratify=stratify)
     test = subsample(raw.select(idx["test"]), config.max_test_samples, config.seed, stratify=stratify)
     task = make_task(config.task, pool)
-    loaded = tokenizer_loader(task)
+    loaded = load_model_for(task)
     pool_tok = task.tokenize(pool, loaded.tokenizer, config.max_length)
     test_tok = task.tokenize(test, loaded.tokenizer, config.max_length)
     if len(pool_tok) == 0 or len(test_tok) == 0:
@@ -165,7 +168,8 @@ def build_network(config: SimulateConfig, shard_sizes: list[int]) -> Network:
     mixer = make_mixer(config.mixer)
     if isinstance(mixer, LocalMixer):
         receivers = [0] * peers
-    return Network(mixer, torch.as_tensor(w, dtype=torch.float32), f"{summary}, {config.mixing} weights", summary.spectral_gap, receivers)
+    line = f"{summary}, {config.mixing} weights".removeprefix("topology ")
+    return Network(mixer, torch.as_tensor(w, dtype=torch.float32), line, summary.spectral_gap, receivers)
 
 
 # ------------------------------------------------------------------------------------- the run
@@ -215,10 +219,11 @@ class Simulation:
         self.samples_seen = 0
         self.bytes_total = 0
 
-    def _layer_inputs(self, round_index: int) -> Any:
+    def _layer_inputs(self, salt: int) -> Any:
+        """Each peer's layer inputs on a fresh batch of its own data (for DIMAT's matching)."""
         rows = [self.data.train_rows[i] for shard in self.align_sampler.draw_all() for i in shard]
         batch = {k: v.to(self.device) for k, v in self.collate(rows).items()}
-        return collect_layer_inputs(self.peer_model, batch, self.config.dimat_max_tokens, seed=self.config.seed + round_index)
+        return collect_layer_inputs(self.peer_model, batch, self.config.dimat_max_tokens, seed=self.config.seed + salt)
 
     def mix(self, round_index: int) -> list[int]:
         """One mixing step; returns the bytes each peer sent."""
@@ -251,7 +256,7 @@ class Simulation:
 
     def consensus(self) -> Any:
         mixer = self.network.mixer
-        inputs = self._layer_inputs(10_000) if mixer.needs_layer_inputs else None
+        inputs = self._layer_inputs(salt=-1) if mixer.needs_layer_inputs else None
         return consensus_output(self.peer_model, mixer, inputs)
 
     def run(self, log: MetricsLog) -> None:
@@ -260,7 +265,7 @@ class Simulation:
         row = {"round": 0, "samples_seen": 0, "wall_time_s": 0.0, "train_loss": [None] * self.peer_model.peers,
                "bytes_sent": [0] * self.peer_model.peers, "bytes_sent_total": 0, **self.evaluate(0)}
         log.append(row)
-        self._print_round(row)
+        self.console.print(self._round_line(row))
         with _progress(self.console) as progress:
             bar = progress.add_task("round 1", total=config.total_steps, loss="-")
             for rnd in range(1, config.rounds + 1):
@@ -293,9 +298,6 @@ class Simulation:
         dist = row["consensus_distance"]
         parts.append(f"consensus dist B·A {dist['product']:.3g}")
         return ", ".join(parts)
-
-    def _print_round(self, row: dict[str, Any]) -> None:
-        self.console.print(self._round_line(row))
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -350,7 +352,7 @@ def simulate(config: SimulateConfig, console: Console | None = None) -> dict[str
     network = build_network(config, [len(s) for s in data.train_shards])
 
     console.print(f"[bold]{config.model_name}[/bold] ({config.task}): {report.summary()}")
-    console.print(network.description)
+    console.print(f"topology {network.description}")
     if data.labels is not None:
         counts = label_counts(data.labels, data.train_shards, data.n_classes)
         console.print(format_label_table(counts, data.class_names, title=f"training examples per peer ({config.partition_label()})"))

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# BBC News, 8 peers, MiniLM + DoRA: every mixer on the same partitions and seeds.
+# The issue's budget: 4 rounds x 10 local steps x batch 16 per peer = 5,120 samples for every method
+# (centralized: one peer, batch 128, 40 steps). 64 tokens per article to fit the grid in about an
+# hour on a 2-core CPU; per-peer adapters and merged models are not kept (only tables and plots).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+D2ORA=${D2ORA:-.venv/bin/d2ora}
+OUT=experiments/bbc_news
+COMMON=(--set rounds=4 --set local_steps=10 --set batch_size=16 --set lr=2e-3 --set max_length=64
+        --set max_test_samples=200 --set eval_every=2 --set save_adapters=false --set save_merged=false)
+
+for alpha in 0.5 0.1; do
+  "$D2ORA" compare --mixers local,d2ora,decaf,dimat,fedavg,centralized "${COMMON[@]}" \
+    --set dirichlet_alpha=$alpha --set topology=ring -o "$OUT/alpha$alpha-ring"
+done
+"$D2ORA" compare --mixers d2ora,decaf,dimat "${COMMON[@]}" \
+  --set dirichlet_alpha=0.5 --set topology=complete -o "$OUT/alpha0.5-complete"
+for spec in "dora 4" "lora 8" "lora 4"; do
+  set -- $spec
+  "$D2ORA" simulate --mixer decaf "${COMMON[@]}" --set dirichlet_alpha=0.5 --set method=$1 --set r=$2 \
+    -o "$OUT/alpha0.5-ring-decaf-$1-r$2"
+done
