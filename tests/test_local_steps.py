@@ -385,24 +385,24 @@ def test_peer_sampler_rejects_an_empty_shard() -> None:
 @pytest.mark.parametrize("mixer", ["d2ora", "local"])
 def test_consensus_is_the_plain_mean_and_applied_restores(tiny_classifier_dir: str, mixer: str) -> None:
     """D²ORA's consensus (and a local run's one-shot average) puts the plain mean over peers of A, B,
-    m and the head into every row; ``applied`` writes it and restores each peer's own tensors
-    exactly afterwards, also when its body raises."""
+    m and the head into row 0 and leaves the other rows as they were; ``applied`` writes it and
+    restores each peer's own tensors exactly afterwards, also when its body raises."""
     peers = make_cls_peers(tiny_classifier_dir)
     own = trainable_state(peers)
     out = consensus_output(peers, make_mixer(mixer))
     for name, stack in out.layers.items():
         for field, key in (("lora_a", "lora_A"), ("lora_b", "lora_B"), ("magnitude", "lora_magnitude_vector")):
-            mean = own[f"{name}.{key}"].mean(dim=0)
-            for row in getattr(stack, field):
-                assert torch.allclose(row, mean, atol=1e-6, rtol=1e-5), (name, field)
+            values = getattr(stack, field)
+            assert torch.allclose(values[0], own[f"{name}.{key}"].mean(dim=0), atol=1e-6, rtol=1e-5), (name, field)
+            assert torch.allclose(values[1:], own[f"{name}.{key}"][1:], atol=1e-6, rtol=1e-5), (name, field)
     assert set(out.layers) == set(peers.layers)
     head_mean = own["score.weight"].mean(dim=0)
-    assert all(torch.allclose(row, head_mean, atol=1e-6, rtol=1e-5) for row in out.dense["score.weight"])
+    assert torch.allclose(out.dense["score.weight"][0], head_mean, atol=1e-6, rtol=1e-5)
 
     with applied(peers, out):
         for name in peers.layers:
-            assert torch.allclose(peers.layers[name].lora_B[1], own[f"{name}.lora_B"].mean(dim=0), atol=1e-6)
-        assert torch.allclose(peers.heads["score"].weight[2], head_mean, atol=1e-6)
+            assert torch.allclose(peers.layers[name].lora_B[0], own[f"{name}.lora_B"].mean(dim=0), atol=1e-6)
+        assert torch.allclose(peers.heads["score"].weight[0], head_mean, atol=1e-6)
     assert all(torch.equal(t, own[n]) for n, t in trainable_state(peers).items())
     with pytest.raises(RuntimeError, match="boom"), applied(peers, out):
         raise RuntimeError("boom")

@@ -56,12 +56,15 @@ def consensus_rule(mixer: Mixer) -> Mixer:
 
 
 def consensus_output(peer_model: PeerModel, mixer: Mixer, layer_inputs: LayerInputs | None = None) -> MixOutput:
-    """Every peer's adapter mixed with uniform weights 1/P over all peers (row 0 is the consensus)."""
+    """Row 0: every peer's adapter mixed with uniform weights 1/P (the consensus model, seen from
+    peer 0's basis for DIMAT). Other rows keep their own adapter (identity rows), so a per-peer
+    rule like DIMAT aligns P neighbours once instead of P² times."""
     peers = peer_model.peers
     dtype = next(iter(peer_model.layers.values())).lora_A.dtype
-    uniform = torch.full((peers, peers), 1.0 / peers, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    weights = torch.eye(peers, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    weights[0] = 1.0 / peers
     rule = consensus_rule(mixer)
-    return rule.mix(peer_model.mix_input(uniform, layer_inputs if rule.needs_layer_inputs else None))
+    return rule.mix(peer_model.mix_input(weights, layer_inputs if rule.needs_layer_inputs else None))
 
 
 @contextlib.contextmanager
