@@ -230,11 +230,14 @@ class Simulation:
         mixer = self.network.mixer
         if isinstance(mixer, LocalMixer):
             return [0] * self.peer_model.peers
-        inputs = self._layer_inputs(round_index) if mixer.needs_layer_inputs else None
-        self.peer_model.apply(mixer.mix(self.peer_model.mix_input(self.network.weights, inputs)))
+        # FedAvg's server average is exact in one step; repeating it would only resend it.
+        steps = 1 if isinstance(mixer, FedAvgMixer) else self.config.mixing_steps
+        for _ in range(steps):
+            inputs = self._layer_inputs(round_index) if mixer.needs_layer_inputs else None
+            self.peer_model.apply(mixer.mix(self.peer_model.mix_input(self.network.weights, inputs)))
         if mixer.factors_replaced:
             self.trainer.reset_factor_moments()
-        return [n * self.message_bytes for n in self.network.receivers]
+        return [steps * n * self.message_bytes for n in self.network.receivers]
 
     def evaluate(self, round_index: int) -> dict[str, Any]:
         metric = self.task.metric

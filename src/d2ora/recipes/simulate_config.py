@@ -59,6 +59,7 @@ class SimulateConfig(BaseModel):
     topology_params: dict[str, Any] = Field(default_factory=dict, description="Extra builder arguments, e.g. {p: 0.3, seed: 1} for erdos_renyi, {path: edges.txt} for file.")
     mixing: str = Field("metropolis_hastings", description=f"Mixing weights: {', '.join(MIXING_RULES)}.")
     mixer: str = Field("decaf", description=f"Aggregation rule: {', '.join(MIXER_CHOICES)}.")
+    mixing_steps: int = Field(1, ge=1, description="Gossip steps per round (each sends every adapter to each neighbour once more).")
 
     # --- adapter
     method: Literal["dora", "lora"] = Field("dora", description="'dora' or plain 'lora' (no magnitude).")
