@@ -21,3 +21,6 @@ for spec in "dora 4" "lora 8" "lora 4"; do
   "$D2ORA" simulate --mixer decaf "${COMMON[@]}" --set dirichlet_alpha=0.5 --set method=$1 --set r=$2 \
     -o "$OUT/alpha0.5-ring-decaf-$1-r$2"
 done
+# More gossip per round at strong skew: 4 mixing steps per round (4x the bytes of one).
+"$D2ORA" simulate --mixer decaf "${COMMON[@]}" --set dirichlet_alpha=0.1 --set mixing_steps=4 \
+  -o "$OUT/alpha0.1-ring-decaf-4gossip"
