@@ -149,3 +149,19 @@ def test_cli_bad_input_is_one_red_line(args: list[str], message: str, tmp_path: 
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_more_gossip_steps_per_round_cost_bytes_and_buy_consensus(decaf_run, tmp_path: Path) -> None:
+    """Same seed, same local steps in round 1: three gossip steps send three times the bytes and
+    leave the peers closer together than one."""
+    out, summary = decaf_run
+    one = read_rows(out)[1]
+    three = read_rows(_run(tmp_path, mixing_steps=3))[1]
+    assert three["train_loss"] == one["train_loss"]  # identical local training before the mix
+    assert three["bytes_sent"] == [3 * b for b in one["bytes_sent"]]
+    assert three["consensus_distance"]["product"] < 0.5 * one["consensus_distance"]["product"]
+
+
+def _run(tmp_path: Path, **changes) -> Path:
+    simulate(tiny_config(tmp_path, save_adapters=False, save_merged=False, eval_peers=False, **changes))
+    return tmp_path
