@@ -34,6 +34,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HEAD_NAMES = ("classifier", "score", "classification_head")
 
 
+def check_device_name(value: str) -> str:
+    """``value`` if it is ``"auto"`` or a device torch understands (``cpu``, ``cuda:1``, ...)."""
+    if value != "auto":
+        try:
+            torch.device(value)
+        except RuntimeError as exc:
+            raise ValueError(f"not a torch device ({exc})") from None
+    return value
+
+
 class ModelLoadError(ValueError):
     """A model or tokenizer that cannot be found or loaded."""
 

@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from d2ora.data.partition import SCHEMES
 from d2ora.data.sources import BBC_NEWS
 from d2ora.data.tasks import TaskName
 from d2ora.dora.config import DoRAConfig
 from d2ora.mixers import MIXERS
-from d2ora.models import DEFAULT_MODEL
+from d2ora.models import DEFAULT_MODEL, check_device_name
 from d2ora.topology import MIXING_RULES, TOPOLOGY_NAMES
 
 #: Runs that are not a mixer: one peer trained on the pooled data (the upper bound).
@@ -22,6 +22,11 @@ MIXER_CHOICES = (*sorted(MIXERS), CENTRALIZED)
 #: Measured on a 2-core CPU with MiniLM (benchmarks/simulate_scale.py): passes of about 2k tokens
 #: are fastest; larger ones are memory-bound in their elementwise work.
 CPU_TOKENS_PER_PASS = 2048
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "mixer": MIXER_CHOICES, "partition": SCHEMES, "topology": TOPOLOGY_NAMES, "mixing": MIXING_RULES,
+}
 
 
 def _key(value: str) -> str:
@@ -97,47 +102,20 @@ class SimulateConfig(BaseModel):
     save_merged: bool = Field(True, description="Write the merged consensus model (dense, loads without d2ora).")
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 
-    @field_validator("mixer")
+    @field_validator("mixer", "partition", "topology", "mixing")
     @classmethod
-    def _known_mixer(cls, value: str) -> str:
+    def _known_name(cls, value: str, info: ValidationInfo) -> str:
+        """Case-insensitive, '-' for '_'; an unknown name lists the valid ones."""
+        choices = _CHOICES[info.field_name]
         key = _key(value)
-        if key not in MIXER_CHOICES:
-            raise ValueError(f"unknown mixer {value!r}; choose one of {', '.join(MIXER_CHOICES)}")
-        return key
-
-    @field_validator("partition")
-    @classmethod
-    def _known_partition(cls, value: str) -> str:
-        key = _key(value)
-        if key not in SCHEMES:
-            raise ValueError(f"unknown partition {value!r}; choose one of {', '.join(SCHEMES)}")
-        return key
-
-    @field_validator("topology")
-    @classmethod
-    def _known_topology(cls, value: str) -> str:
-        key = _key(value)
-        if key not in TOPOLOGY_NAMES:
-            raise ValueError(f"unknown topology {value!r}; choose one of {', '.join(TOPOLOGY_NAMES)}")
-        return key
-
-    @field_validator("mixing")
-    @classmethod
-    def _known_mixing(cls, value: str) -> str:
-        key = _key(value)
-        if key not in MIXING_RULES:
-            raise ValueError(f"unknown mixing rule {value!r}; choose one of {', '.join(MIXING_RULES)}")
+        if key not in choices:
+            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {', '.join(choices)}")
         return key
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value != "auto":
-            try:
-                torch.device(value)
-            except RuntimeError as exc:
-                raise ValueError(f"not a torch device ({exc})") from None
-        return value
+        return check_device_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> SimulateConfig:

@@ -52,7 +52,8 @@ from d2ora.data.sources import (
 from d2ora.data.tasks import Task, TaskName, make_task
 from d2ora.dora.attach import AttachReport, attach
 from d2ora.dora.config import DoRAConfig
-from d2ora.models import DEFAULT_MODEL, LoadedModel, head_modules, load_model
+from d2ora.engine.local_steps import linear_schedule
+from d2ora.models import DEFAULT_MODEL, LoadedModel, check_device_name, head_modules, load_model
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -123,12 +124,7 @@ class TrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if value != "auto":
-            try:
-                torch.device(value)
-            except RuntimeError as exc:
-                raise ValueError(f"not a torch device ({exc})") from None
-        return value
+        return check_device_name(value)
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> TrainConfig:
@@ -205,17 +201,6 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
 
-def _schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = int(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ---------------------------------------------------------------------------------------- outputs
 def _clear_stale_checkpoints(output_dir: Path) -> None:
     """Drop epoch-* folders of an earlier run: a shorter re-run must not leave older epochs behind."""
@@ -288,7 +273,7 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     optimizer = _optimizer(model, config)
-    scheduler = _schedule(optimizer, total_steps, config.warmup_ratio)
+    scheduler = linear_schedule(optimizer, total_steps, config.warmup_ratio)
     console.print(
         f"data: {len(tokenised['train'])} train / {len(tokenised['validation'])} validation / "
         f"{len(tokenised['test'])} test examples; {total_steps} steps on {device}"
