@@ -165,3 +165,12 @@ def test_more_gossip_steps_per_round_cost_bytes_and_buy_consensus(decaf_run, tmp
 def _run(tmp_path: Path, **changes) -> Path:
     simulate(tiny_config(tmp_path, save_adapters=False, save_merged=False, eval_peers=False, **changes))
     return tmp_path
+
+
+def test_a_diverging_peer_stops_the_run_with_one_line_and_keeps_the_logged_rounds(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["simulate", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
+                                      "--set", "lr=1e12", "--set", "max_grad_norm=null", "--set", "mixer=local",
+                                      "-o", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "diverged" in result.output and "Traceback" not in result.output
+    assert read_rows(tmp_path)[0]["round"] == 0  # round 0 was logged before training began

@@ -32,9 +32,10 @@ def _console() -> Console:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from d2ora.data.partition import PartitionError
+    from d2ora.recipes.simulate import DivergedError
     from d2ora.topology import TopologyError
 
-    return (*USER_ERRORS, PartitionError, TopologyError)
+    return (*USER_ERRORS, PartitionError, TopologyError, DivergedError)
 
 
 def _config(config: Path | None, set_: list[str] | None, updates: dict[str, Any]) -> Any:

@@ -197,6 +197,19 @@ def _mean_metric(results: list[dict[str, float]] | None, metric: str) -> dict[st
     return {metric: float(np.mean(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
 
+class DivergedError(RuntimeError):
+    """A peer's training loss became NaN or infinite; the rounds logged so far stay on disk."""
+
+
+def _check_finite(losses: torch.Tensor, round_index: int) -> None:
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+    if bad:
+        raise DivergedError(
+            f"peer(s) {bad} diverged in round {round_index} (training loss {losses[bad[0]].item()}); "
+            "lower lr or set max_grad_norm; metrics of the finished rounds are in metrics.jsonl"
+        )
+
+
 class Simulation:
     """The rounds loop of one configured run (built by :func:`simulate`)."""
 
@@ -276,6 +289,7 @@ class Simulation:
                 for _ in range(config.local_steps):
                     features = [[self.data.train_rows[i] for i in idx] for idx in self.sampler.draw_all()]
                     losses = self.trainer.step(features, sequential=config.sequential)
+                    _check_finite(losses, rnd)
                     loss_sum += losses
                     self.samples_seen += sum(len(f) for f in features)
                     progress.update(bar, advance=1, description=f"round {rnd}/{config.rounds}", loss=f"{losses.mean():.4f}")
