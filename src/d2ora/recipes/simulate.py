@@ -322,11 +322,15 @@ def _save_outputs(sim: Simulation, loaded: Any, output_dir: Path) -> dict[str, A
     config, pm, task = sim.config, sim.peer_model, sim.task
     saved: dict[str, Any] = {"adapters": [], "consensus_adapter": None, "merged_model": None}
     base = loaded.source.path
+    adapters = output_dir / "adapters"
+    # A re-run into the same folder must not leave an earlier run's files looking like this one's.
+    for old in adapters.glob("peer-*"):
+        index = old.name.removeprefix("peer-")
+        if old.is_dir() and index.isdigit() and (not config.save_adapters or int(index) >= pm.peers):
+            shutil.rmtree(old)
+    if not config.save_merged:
+        shutil.rmtree(output_dir / "consensus" / "merged", ignore_errors=True)
     if config.save_adapters:
-        adapters = output_dir / "adapters"
-        for old in adapters.glob("peer-*"):  # a re-run with fewer peers must not leave stale ones
-            if old.is_dir() and int(old.name.split("-")[1]) >= pm.peers:
-                shutil.rmtree(old)
         for k in range(pm.peers):
             with pm.peer_view(k) as view:
                 save_adapter(view, adapters / f"peer-{k}", base_model_name_or_path=base, task_type=task.peft_task_type)
