@@ -80,7 +80,6 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -97,6 +96,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 from dora_step import current_rss_kb, machine_busy_seconds, peak_rss_kb, reset_peak_rss
+from dora_step import machine_info as dora_step_machine_info
 from rich.console import Console
 from rich.table import Table
 
@@ -513,28 +513,16 @@ def engine_source() -> dict[str, Any]:
 
 
 def machine_info(threads: int, device: torch.device, load_at_start: tuple[float, float, float]) -> dict[str, Any]:
-    import transformers
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "torch_threads": threads,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
-        "load_average_at_start": load_at_start,
-        "load_average_at_end": os.getloadavg(),
-        "d2ora_source": engine_source(),
-    }
+    """dora_step.py's machine record, with this benchmark's device and engine files."""
+    info = dora_step_machine_info(threads)
+    info.update(
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu_model"],
+        load_average_at_start=load_at_start,
+        load_average_at_end=os.getloadavg(),
+        d2ora_source=engine_source(),
+    )
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------
