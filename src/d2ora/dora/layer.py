@@ -118,16 +118,18 @@ class DoRALinear(nn.Module):
         xa = F.linear(x_lr, self.lora_A)
         if xa.dtype == base_out.dtype:
             # s·(xA^T)B^T added to the base output by the GEMM itself (no low-rank temporary). Out of
-            # place: an in-place op on the 2-D view would make autograd clone the activation in backward.
+            # place, and kept 2-D until the in-place scale below: an in-place op on a view would make
+            # autograd clone the whole activation in backward.
             flat = base_out.reshape(-1, self.out_features)
             combined = torch.addmm(flat, xa.reshape(-1, self.r), self.lora_B.t(), alpha=self.scaling)
-            combined = combined.view(base_out.shape)
         else:
             combined = F.linear(xa, self.lora_B).mul_(self.scaling).to(base_out.dtype).add_(base_out)
         bias = self.bias
         if self.use_dora:
-            return dora_math.scale_shift_(combined, self.magnitude_scale().to(combined.dtype), bias)
-        return combined if bias is None else combined.add_(bias)
+            y = dora_math.scale_shift_(combined, self.magnitude_scale().to(combined.dtype), bias)
+        else:
+            y = combined if bias is None else combined.add_(bias)
+        return y.view(base_out.shape)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
