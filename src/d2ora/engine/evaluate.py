@@ -70,20 +70,14 @@ def consensus_output(peer_model: PeerModel, mixer: Mixer, layer_inputs: LayerInp
 @contextlib.contextmanager
 def applied(peer_model: PeerModel, out: MixOutput) -> Iterator[PeerModel]:
     """Temporarily write ``out`` into the stacks; the peers' own adapters come back afterwards."""
-    saved = [p.detach().clone() for p in _trainable(peer_model)]
+    saved = [p.detach().clone() for p in peer_model.stacked_parameters()]
     peer_model.apply(out)
     try:
         yield peer_model
     finally:
         with torch.no_grad():
-            for param, value in zip(_trainable(peer_model), saved):
+            for param, value in zip(peer_model.stacked_parameters(), saved):
                 param.copy_(value)
-
-
-def _trainable(peer_model: PeerModel) -> list[torch.nn.Parameter]:
-    """The stacked tensors (the shared frozen base layers inside the stacks are not peers' state)."""
-    modules = (*peer_model.layers.values(), *peer_model.heads.values())
-    return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 @torch.no_grad()

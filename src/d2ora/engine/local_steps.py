@@ -70,7 +70,7 @@ def stacked_parameters(peer_model: PeerModel) -> list[nn.Parameter]:
 
     A trainable tensor outside the stacks would be shared by all peers and silently couple them.
     """
-    stacked = {id(p) for m in (*peer_model.layers.values(), *peer_model.heads.values()) for p in m.parameters()}
+    stacked = {id(p) for p in peer_model.stacked_parameters()}
     params = [p for p in peer_model.model.parameters() if p.requires_grad]
     shared = [n for n, p in peer_model.model.named_parameters() if p.requires_grad and id(p) not in stacked]
     if shared:

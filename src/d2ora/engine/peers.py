@@ -40,6 +40,11 @@ class PeerModel:
     def _stacked(self) -> dict[str, StackedDoRALinear | StackedLinear]:
         return {**self.layers, **self.heads}
 
+    def stacked_parameters(self) -> list[nn.Parameter]:
+        """The peers' own tensors, each ``(P, ...)``: m, A, B and heads (not the shared frozen base
+        layers the stacks hold)."""
+        return [p for m in self._stacked().values() for p in m.parameters() if p.requires_grad]
+
     @contextlib.contextmanager
     def serving(self, group: slice) -> Iterator[nn.Module]:
         """Forward passes inside serve only the peers in ``group`` (peer groups bound activations)."""

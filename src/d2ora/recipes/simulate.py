@@ -65,7 +65,7 @@ from d2ora.engine.evaluate import (
 from d2ora.engine.local_steps import LocalTrainer, PeerSampler
 from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.peers import PeerModel
-from d2ora.mixers import FedAvgMixer, LocalMixer, Mixer, make_mixer
+from d2ora.mixers import FedAvgMixer, LocalMixer, Mixer, MixOutput, make_mixer
 from d2ora.models import head_modules, load_model
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.recipes.train import quiet_datasets, resolve_device, seed_everything
@@ -186,8 +186,7 @@ def _collated(rows: list[dict[str, Any]], collate: Any, size: int) -> list[Batch
 
 def _adapter_bytes(peer_model: PeerModel) -> int:
     """Bytes of one peer's adapter message: its slice of every stacked tensor (m, B, A, heads)."""
-    modules = (*peer_model.layers.values(), *peer_model.heads.values())
-    return sum(p[0].numel() * p.element_size() for m in modules for p in m.parameters() if p.requires_grad)
+    return sum(p[0].numel() * p.element_size() for p in peer_model.stacked_parameters())
 
 
 def _mean_metric(results: list[dict[str, float]] | None, metric: str) -> dict[str, float] | None:
@@ -218,8 +217,7 @@ class Simulation:
         self.config, self.data, self.peer_model, self.network = config, data, peer_model, network
         self.collate, self.device, self.console = collate, device, console
         self.task = data.task
-        batch_size = config.batch_size * (config.peers if config.centralized else 1)
-        self.sampler = PeerSampler(data.train_shards, batch_size, config.seed)
+        self.sampler = PeerSampler(data.train_shards, config.peer_batch_size, config.seed)
         self.align_sampler = PeerSampler(data.train_shards, config.dimat_examples, config.seed + 1)
         self.trainer = LocalTrainer(
             peer_model, self.task, collate, lr=config.lr, total_steps=config.total_steps,
@@ -231,6 +229,9 @@ class Simulation:
         self.message_bytes = _adapter_bytes(peer_model)
         self.samples_seen = 0
         self.bytes_total = 0
+        #: The consensus model of the latest evaluation (the last round is always evaluated), kept so
+        #: the saved consensus adapter is the one that was scored; None with a single peer.
+        self.last_consensus: MixOutput | None = None
 
     def _layer_inputs(self, salt: int) -> Any:
         """Each peer's layer inputs on a fresh batch of its own data (for DIMAT's matching)."""
@@ -259,7 +260,8 @@ class Simulation:
         if pm.peers == 1:
             consensus = peer_test[0] if peer_test else evaluate_peers(pm, self.task, self.test_batches, self.device)[0]
         else:
-            with applied(pm, self.consensus()):
+            self.last_consensus = self.consensus()
+            with applied(pm, self.last_consensus):
                 consensus = evaluate_peers(pm, self.task, self.test_batches, self.device, peers=[0])[0]
         distances = measure(pm)
         return {
@@ -335,7 +337,7 @@ def _save_outputs(sim: Simulation, loaded: Any, output_dir: Path) -> dict[str, A
             with pm.peer_view(k) as view:
                 save_adapter(view, adapters / f"peer-{k}", base_model_name_or_path=base, task_type=task.peft_task_type)
             saved["adapters"].append(f"adapters/peer-{k}")
-    consensus = sim.consensus() if pm.peers > 1 else None
+    consensus = sim.last_consensus
     with applied(pm, consensus) if consensus is not None else contextlib.nullcontext(), pm.peer_view(0) as view:
         save_adapter(view, output_dir / "consensus" / "adapter", base_model_name_or_path=base, task_type=task.peft_task_type)
         saved["consensus_adapter"] = "consensus/adapter"
@@ -379,7 +381,7 @@ def simulate(config: SimulateConfig, console: Console | None = None) -> dict[str
         console.print(format_label_table(counts, data.class_names, title=f"training examples per peer ({config.partition_label()})"))
     console.print(
         f"{peers} peer(s), mixer {config.mixer}, {config.rounds} rounds x {config.local_steps} local steps, "
-        f"batch {config.batch_size * (config.peers if config.centralized else 1)} per peer, {len(data.test)} test examples, on {device}"
+        f"batch {config.peer_batch_size} per peer, {len(data.test)} test examples, on {device}"
     )
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -393,7 +395,7 @@ def simulate(config: SimulateConfig, console: Console | None = None) -> dict[str
         "task": config.task, "metric": task.metric, "higher_is_better": task.higher_is_better, "peers": peers,
         "topology": network.description, "spectral_gap": network.spectral_gap, "partition": config.partition_label(),
         "rounds": config.rounds, "local_steps": config.local_steps,
-        "batch_size": config.batch_size * (config.peers if config.centralized else 1),
+        "batch_size": config.peer_batch_size,
         "label_names": data.class_names,
         "label_counts": label_counts(data.labels, data.train_shards, data.n_classes).tolist() if data.labels is not None else None,
         "final": log.rows[-1], "runtime_s": time.perf_counter() - started, **saved,

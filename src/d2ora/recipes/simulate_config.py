@@ -141,6 +141,11 @@ class SimulateConfig(BaseModel):
         return max(1, min(peers, CPU_TOKENS_PER_PASS // (self.batch_size * self.max_length)))
 
     @property
+    def peer_batch_size(self) -> int:
+        """Examples per peer per step: ``centralized``'s one peer takes everybody's batches."""
+        return self.batch_size * (self.peers if self.centralized else 1)
+
+    @property
     def total_steps(self) -> int:
         return self.rounds * self.local_steps
 
