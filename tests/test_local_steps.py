@@ -19,7 +19,8 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from d2ora import DoRAConfig, attach, dora_layers
 from d2ora.data.tasks import Batch, CausalLMTask, ClassificationTask, Task
-from d2ora.engine.evaluate import applied, collect_layer_inputs, consensus_output
+from d2ora.engine.evaluate import collect_layer_inputs
+from d2ora.engine.monitor import consensus_adapter
 from d2ora.engine.local_steps import (
     LocalTrainer,
     PeerSampler,
@@ -383,28 +384,29 @@ def test_peer_sampler_rejects_an_empty_shard() -> None:
 # --- 7. consensus -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mixer", ["d2ora", "local"])
-def test_consensus_is_the_plain_mean_and_applied_restores(tiny_classifier_dir: str, mixer: str) -> None:
-    """D²ORA's consensus (and a local run's one-shot average) puts the plain mean over peers of A, B,
-    m and the head into row 0 and leaves the other rows as they were; ``applied`` writes it and
-    restores each peer's own tensors exactly afterwards, also when its body raises."""
+def test_consensus_is_the_plain_mean_and_holding_restores(tiny_classifier_dir: str, mixer: str) -> None:
+    """D²ORA's consensus (and a local run's one-shot average) is the plain mean over peers of A, B,
+    m and the head, computed by peer 0 from every peer's flat adapter; ``holding`` lends peer 0's
+    slot to it and restores each peer's own tensors exactly afterwards, also when its body raises."""
     peers = make_cls_peers(tiny_classifier_dir)
     own = trainable_state(peers)
-    out = consensus_output(peers, make_mixer(mixer))
-    for name, stack in out.layers.items():
-        for field, key in (("lora_a", "lora_A"), ("lora_b", "lora_B"), ("magnitude", "lora_magnitude_vector")):
-            values = getattr(stack, field)
-            assert torch.allclose(values[0], own[f"{name}.{key}"].mean(dim=0), atol=1e-6, rtol=1e-5), (name, field)
-            assert torch.allclose(values[1:], own[f"{name}.{key}"][1:], atol=1e-6, rtol=1e-5), (name, field)
-    assert set(out.layers) == set(peers.layers)
+    layout = peers.layout()
+    adapter = consensus_adapter(layout, peers.flat(), make_mixer(mixer))
+    views = layout.views(adapter)
+    for name in peers.layers:
+        for key in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            mean = own[f"{name}.{key}"].mean(dim=0)
+            assert torch.allclose(views[f"{name}.{key}"], mean, atol=1e-6, rtol=1e-5), (name, key)
     head_mean = own["score.weight"].mean(dim=0)
-    assert torch.allclose(out.dense["score.weight"][0], head_mean, atol=1e-6, rtol=1e-5)
+    assert torch.allclose(views["score.weight"], head_mean, atol=1e-6, rtol=1e-5)
 
-    with applied(peers, out):
+    with peers.holding(0, adapter):
         for name in peers.layers:
             assert torch.allclose(peers.layers[name].lora_B[0], own[f"{name}.lora_B"].mean(dim=0), atol=1e-6)
+            assert torch.equal(peers.layers[name].lora_B[1:], own[f"{name}.lora_B"][1:])
         assert torch.allclose(peers.heads["score"].weight[0], head_mean, atol=1e-6)
     assert all(torch.equal(t, own[n]) for n, t in trainable_state(peers).items())
-    with pytest.raises(RuntimeError, match="boom"), applied(peers, out):
+    with pytest.raises(RuntimeError, match="boom"), peers.holding(0, adapter):
         raise RuntimeError("boom")
     assert all(torch.equal(t, own[n]) for n, t in trainable_state(peers).items())
 

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from d2ora import DoRAConfig, attach, load_adapter, save_adapter
 from d2ora.engine.peers import PeerModel
-from d2ora.mixers import make_mixer
+from d2ora.mixers import make_mixer, mix_stacks
 from tests.conftest import relative_error
 
 PEERS, PER_PEER = 3, 2
@@ -80,8 +80,37 @@ def test_serving_a_group_and_mixing_back(tiny_classifier_dir: str) -> None:
     expected_b = layer.lora_B.detach().mean(dim=0)
     expected_head = peers.heads["score"].weight.detach().mean(dim=0)
     uniform = torch.full((PEERS, PEERS), 1.0 / PEERS)
-    peers.apply(make_mixer("d2ora").mix(peers.mix_input(uniform)))
+    layers, dense = peers.stacks()
+    peers.apply(mix_stacks(make_mixer("d2ora"), layers, uniform, dense=dense))
     assert layer.lora_B is param_before  # same Parameter: optimizers keep tracking it
     for k in range(PEERS):
         assert torch.allclose(layer.lora_B[k], expected_b, atol=1e-6)
         assert torch.allclose(peers.heads["score"].weight[k], expected_head, atol=1e-6)
+
+
+def test_flat_layout_round_trip_and_holding(tiny_classifier_dir: str) -> None:
+    """A peer's flat row is its slice of every stacked tensor in the layout's order; writing rows
+    back changes exactly those peers; ``holding`` lends a peer's slot and restores it exactly."""
+    peers = make_peers(tiny_classifier_dir)
+    with torch.no_grad():
+        for p in peers.stacked_parameters():
+            p.add_(torch.randn_like(p))
+    layout = peers.layout()
+    flat = peers.flat()
+    assert flat.shape == (PEERS, layout.numel)
+    assert layout.numel == sum(p[0].numel() for p in peers.stacked_parameters())
+    views = layout.views(flat)
+    for module, _, name, param in peers.named_stacked():
+        assert torch.equal(views[f"{module}.{name}"], param.detach())
+    layers, dense = layout.unflatten(flat)
+    assert torch.equal(layout.flatten_stacks(layers, dense), flat)
+    before = flat.clone()
+    peers.load_flat(torch.zeros(1, layout.numel), slice(1, 2))
+    after = peers.flat()
+    assert torch.equal(after[1], torch.zeros(layout.numel))
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2:], before[2:])
+    peers.load_flat(before)
+    with peers.holding(2, before[0]):
+        assert torch.equal(peers.flat()[2], before[0])
+    assert torch.equal(peers.flat(), before)
+    assert layout.digest() == make_peers(tiny_classifier_dir).layout().digest()  # values do not enter it

@@ -248,7 +248,7 @@ def test_many_peers_compact_legend(tmp_path, monkeypatch):
         labels[path.name] = [t.get_text() for t in legend.get_texts()] if legend else []
         return path  # the legend is all this test reads: skip the (slow) rendering
 
-    monkeypatch.setattr(report, "_save", spy)
+    monkeypatch.setattr(report.plots, "_save", spy)  # the plots module renders and saves
     text = write_run_report(tmp_path, _summary("big", rows, P), rows).read_text(encoding="utf-8")
     assert labels["metric.png"] == ["peers (64)", "mean of peers", "consensus model"]
     assert labels["train_loss.png"] == ["peers (64)", "mean of peers"]

@@ -114,7 +114,8 @@ def test_compare_runs_every_mixer_on_the_same_partition(tmp_path: Path) -> None:
     local, fedavg, central = summaries
     assert local["label_counts"] == fedavg["label_counts"]  # same seed: same partition
     assert local["final"]["bytes_sent_total"] == 0
-    assert fedavg["final"]["bytes_sent_total"] == TINY["peers"] * fedavg["message_bytes"]
+    # No server process: every peer sends its adapter to the P - 1 others and takes the server's average.
+    assert fedavg["final"]["bytes_sent_total"] == TINY["peers"] * (TINY["peers"] - 1) * fedavg["message_bytes"]
     assert central["peers"] == 1 and central["batch_size"] == TINY["peers"] * TINY["batch_size"]
     assert central["final"]["samples_seen"] == local["final"]["samples_seen"]
     assert fedavg["final"]["consensus_distance"]["product"] < 1e-10  # everyone holds the server's average

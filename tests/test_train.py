@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 from pathlib import Path
 
@@ -147,6 +148,41 @@ def test_cli_missing_model_exits_2(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "model not found: /nonexistent/model" in result.output
 
 
+def _tiny_csv(folder: Path) -> Path:
+    path = folder / "d.csv"
+    path.write_text("text,label\na,x\nb,y\nc,x\nd,y\ne,x\nf,y\ng,x\nh,y\n", encoding="utf-8")
+    return path
+
+
+def _assert_one_error_line(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write to output_dir"), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_cli_unwritable_output_dir_exits_2_with_one_line(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        result = _cli(["--set", f"data={_tiny_csv(tmp_path)}", "--output-dir", str(locked / "run")])
+        _assert_one_error_line(result, str(locked / "run"), "Permission denied")
+    finally:
+        locked.chmod(0o700)
+    assert not (locked / "run").exists()
+
+
+def test_cli_output_dir_blocked_by_a_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, not a folder", encoding="utf-8")
+    result = _cli(["--set", f"data={_tiny_csv(tmp_path)}", "--output-dir", str(blocker / "run")])
+    _assert_one_error_line(result, str(blocker / "run"), f"'{blocker}' is a file")
+    assert blocker.read_text(encoding="utf-8") == "a file, not a folder"
+
+
 def test_cli_runs_a_tiny_model(tiny_llama_with_tokenizer: str, tmp_path: Path) -> None:
     data = tmp_path / "topics.jsonl"
     d = topic_data(60)
@@ -159,6 +195,34 @@ def test_cli_runs_a_tiny_model(tiny_llama_with_tokenizer: str, tmp_path: Path) -
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["finished"] and metrics["config"]["method"] == "lora"
     assert "LORA on" in result.output and "test: accuracy" in result.output
+
+
+# ------------------------------------------------------------------------------ portable base names
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the repository the packaged files come from
+
+
+def test_minilm_adapter_names_its_hub_base_not_this_machine(tmp_path: Path) -> None:
+    from tests.conftest import minilm_path
+
+    # Independent evidence that the packaged folder is that repository: its own model card says so.
+    card = (Path(minilm_path()) / "README.md").read_text(encoding="utf-8")
+    assert f"SentenceTransformer('{MINILM_HUB_ID}')" in card
+
+    cfg = tiny_config("minilm", tmp_path, data=topic_data(40), epochs=1, max_steps=1)
+    result = train(cfg, console=quiet())
+    for folder in (tmp_path / "adapter", tmp_path / "checkpoints" / "epoch-1"):
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        assert saved["base_model_name_or_path"] == MINILM_HUB_ID, folder
+    assert result["model_path"] == minilm_path()  # metrics.json still records where it was loaded from
+
+
+def test_portable_name_of_presets_and_local_models(tiny_llama_with_tokenizer: str) -> None:
+    from d2ora.models import resolve_model
+
+    assert resolve_model("minilm").portable_name == MINILM_HUB_ID
+    assert resolve_model("smollm2").portable_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model(tiny_llama_with_tokenizer).portable_name == tiny_llama_with_tokenizer
+    assert resolve_model("someone/some-model").portable_name == "someone/some-model"  # a Hub id stays as given
 
 
 # -------------------------------------------------------------------------------- MiniLM, BBC News

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from d2ora.commands import analyze, simulate, train
+from d2ora.commands import analyze, peer, simulate, train
 
 app = typer.Typer(
     name="d2ora",
-    help="Decentralized DoRA fine-tuning: simulate peers, compare mixers, train and analyse adapters.",
+    help="Decentralized DoRA fine-tuning: simulate peers or run them as processes, compare mixers, train and analyse adapters.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 train.register(app)
 simulate.register(app)
+peer.register(app)
 analyze.register(app)
 
 

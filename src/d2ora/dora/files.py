@@ -238,12 +238,35 @@ def _parse_keys(tensors: dict[str, torch.Tensor], checked: CheckedAdapter) -> No
         raise AdapterFileError(f"{checked.source}: no lora_A / lora_B tensors found")
 
 
+def pattern_key(name: str, patterns: dict | None) -> str | None:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching a module whose name ends with it."""
+    return next((key for key in patterns or {} if re.match(rf"(.*\.)?({key})$", name)), None)
+
+
 def pattern_value(name: str, patterns: dict | None, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module whose name ends with it."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+    """The pattern's value for ``name`` (see :func:`pattern_key`), else ``default``."""
+    key = pattern_key(name, patterns)
+    return default if key is None else patterns[key]
+
+
+def _check_rank(name: str, tensor_rank: int, file_config: dict, source: str) -> None:
+    """The rank adapter_config.json gives ``name`` (``rank_pattern``, else ``r``) must be the tensors'.
+
+    PEFT builds each layer at the config's rank and then fails to copy tensors of another shape
+    into it; a file that says one rank and holds another is inconsistent, whoever wrote it.
+    """
+    patterns = file_config.get("rank_pattern")
+    key = pattern_key(name, patterns)
+    declared, origin = (file_config.get("r"), "r") if key is None else (patterns[key], f"rank_pattern['{key}']")
+    if declared is None:  # no r at all: the tensors are the only word on the rank
+        return
+    if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+        raise AdapterFileError(f"{source}: {origin} for '{name}' must be a positive integer, got {declared!r}")
+    if declared != tensor_rank:
+        raise AdapterFileError(
+            f"{source}: adapter_config.json gives '{name}' {origin}={declared}, "
+            f"but its lora_A / lora_B tensors have rank {tensor_rank}"
+        )
 
 
 def _check_layer(name: str, base: nn.Module, t: AdapterLayerTensors, use_dora: bool, source: str) -> int:
@@ -295,6 +318,7 @@ def check_adapter(model: nn.Module, directory: str | Path, *, check_saved_module
         if not isinstance(base, SUPPORTED_BASE_TYPES):
             raise AdapterFileError(f"{source}: module '{name}' is a {type(base).__name__}, not Linear/Conv1D")
         t.r = _check_layer(name, base, t, checked.use_dora, source)
+        _check_rank(name, t.r, file_config, source)
 
     r_default = int(file_config.get("r") or next(iter(checked.layers.values())).r)
     alpha_default = file_config.get("lora_alpha", r_default)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from d2ora.dora.math import factored_row_norms, magnitude_scale
+from d2ora.mixers.base import LayerStack
 
 if TYPE_CHECKING:
     from d2ora.engine.peers import PeerModel
@@ -163,14 +164,17 @@ class ConsensusDistances:
 
 
 @torch.no_grad()
-def measure(peer_model: PeerModel) -> ConsensusDistances:
-    """The consensus distances of a :class:`~d2ora.engine.peers.PeerModel`'s adapted layers."""
+def measure(peer_model: PeerModel, stacks: dict[str, LayerStack] | None = None) -> ConsensusDistances:
+    """The consensus distances of ``stacks`` (every peer's adapted layers, ``(P, ...)``; by default
+    the :class:`~d2ora.engine.peers.PeerModel`'s own), over the model's frozen base weights. The
+    process monitor passes all P peers' adapters gathered from every process."""
+    stacks = peer_model.stacks()[0] if stacks is None else stacks
     magnitude: float | None = None
     product = merged = 0.0
-    for layer in peer_model.layers.values():
-        m = layer.lora_magnitude_vector if layer.use_dora else None
-        if m is not None:
-            magnitude = (magnitude or 0.0) + dense_distance(m)
-        product += product_distance(layer.lora_A, layer.lora_B, layer.scaling)
-        merged += merged_distance(layer.weight0, layer.w0_row_sq, layer.lora_A, layer.lora_B, m, layer.scaling)
+    for name, layer in peer_model.layers.items():
+        stack = stacks[name]
+        if stack.magnitude is not None:
+            magnitude = (magnitude or 0.0) + dense_distance(stack.magnitude)
+        product += product_distance(stack.lora_a, stack.lora_b, stack.scaling)
+        merged += merged_distance(layer.weight0, layer.w0_row_sq, stack.lora_a, stack.lora_b, stack.magnitude, stack.scaling)
     return ConsensusDistances(magnitude=magnitude, product=product, merged=merged)

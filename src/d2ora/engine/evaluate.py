@@ -1,25 +1,16 @@
-"""Scoring peers: each peer's own model, the consensus (averaged) model, and DIMAT's activations.
-
-The consensus model is what the peers would agree on if they all talked to everybody once: the
-run's own mixer applied with uniform weights over every peer (DeCAF: the SVD-truncated mean of the
-products; DIMAT: the aligned mean; D²ORA / FedAvg: the mean of m, B, A). A run without
-communication (``local``) is scored by the plain mean of the local adapters, which is the
-original "train, then aggregate once" design.
-"""
+"""Scoring hosted peers (each on the test set and on its own validation split) and collecting
+the layer inputs DIMAT matches on. The consensus model is ``engine.monitor``'s job."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from d2ora.data.tasks import Batch, Task
 from d2ora.engine.peers import PeerModel
-from d2ora.mixers import D2oraMixer, LocalMixer, Mixer, MixOutput
-
-LayerInputs = Callable[[int, str], torch.Tensor]
+from d2ora.mixers.base import LayerInputs
 
 
 def evaluate_peers(
@@ -50,50 +41,22 @@ def evaluate_each_on_own(
     return results
 
 
-def consensus_rule(mixer: Mixer) -> Mixer:
-    """The rule that builds the consensus model for a run mixed by ``mixer``."""
-    return D2oraMixer() if isinstance(mixer, LocalMixer) else mixer
-
-
-def consensus_output(peer_model: PeerModel, mixer: Mixer, layer_inputs: LayerInputs | None = None) -> MixOutput:
-    """Row 0: every peer's adapter mixed with uniform weights 1/P (the consensus model, seen from
-    peer 0's basis for DIMAT). Other rows keep their own adapter (identity rows), so a per-peer
-    rule like DIMAT aligns P neighbours once instead of P² times."""
-    peers = peer_model.peers
-    dtype = next(iter(peer_model.layers.values())).lora_A.dtype
-    weights = torch.eye(peers, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    weights[0] = 1.0 / peers
-    rule = consensus_rule(mixer)
-    return rule.mix(peer_model.mix_input(weights, layer_inputs if rule.needs_layer_inputs else None))
-
-
-@contextlib.contextmanager
-def applied(peer_model: PeerModel, out: MixOutput) -> Iterator[PeerModel]:
-    """Temporarily write ``out`` into the stacks; the peers' own adapters come back afterwards."""
-    saved = [p.detach().clone() for p in peer_model.stacked_parameters()]
-    peer_model.apply(out)
-    try:
-        yield peer_model
-    finally:
-        with torch.no_grad():
-            for param, value in zip(peer_model.stacked_parameters(), saved):
-                param.copy_(value)
-
-
 @torch.no_grad()
 def collect_layer_inputs(
-    peer_model: PeerModel, batch: Batch, max_tokens: int, seed: int = 0
+    peer_model: PeerModel, batch: Batch, max_tokens: int, seed: int = 0, seeds: Sequence[int] | None = None
 ) -> LayerInputs:
     """Inputs every adapted layer sees on a peer-major ``batch`` (each peer's own examples through
-    its own model), keeping at most ``max_tokens`` non-padding tokens per peer and layer (a seeded
-    sample) so memory stays small; the result is what ``DimatMixer`` reads as ``layer_inputs``."""
+    its own model), keeping at most ``max_tokens`` non-padding tokens per peer and layer (a sample
+    seeded per peer by ``seeds[k]``, default ``seed + k``, so it does not depend on which other
+    peers share the pass) so memory stays small; indexed ``(stack row, layer)``."""
     peers = peer_model.peers
     mask = batch["attention_mask"].bool().reshape(peers, -1)
-    generator = torch.Generator().manual_seed(seed)
+    seeds = [seed + k for k in range(peers)] if seeds is None else list(seeds)
     keep = []
     for k in range(peers):
         positions = torch.nonzero(mask[k].cpu(), as_tuple=False).flatten()
         if positions.numel() > max_tokens:
+            generator = torch.Generator().manual_seed(seeds[k])
             positions = positions[torch.randperm(positions.numel(), generator=generator)[:max_tokens]]
         keep.append(positions.to(mask.device))
     captured: dict[str, list[torch.Tensor]] = {}

@@ -28,9 +28,12 @@ Collate = Callable[[list[dict[str, Any]]], Batch]
 class PeerSampler:
     """Each peer draws training batches from its own shard: a fresh seeded permutation per local
     epoch, wrapping into the next one mid-batch. A shard smaller than the batch repeats examples
-    within a batch (a peer with little data still takes full steps)."""
+    within a batch (a peer with little data still takes full steps). Each peer's generator is
+    seeded by ``(seed, its global id)`` (``peer_ids``, default 0..n-1), so a peer draws the same
+    batches whichever process hosts it."""
 
-    def __init__(self, shards: Sequence[np.ndarray], batch_size: int, seed: int) -> None:
+    def __init__(self, shards: Sequence[np.ndarray], batch_size: int, seed: int,
+                 peer_ids: Sequence[int] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         empty = [k for k, shard in enumerate(shards) if len(shard) == 0]
@@ -38,7 +41,10 @@ class PeerSampler:
             raise ValueError(f"peer(s) {empty} hold no training examples")
         self.shards = [np.asarray(s, dtype=np.int64) for s in shards]
         self.batch_size = batch_size
-        self._rngs = [np.random.default_rng([seed, k]) for k in range(len(shards))]
+        ids = list(range(len(shards))) if peer_ids is None else list(peer_ids)
+        if len(ids) != len(shards):
+            raise ValueError(f"{len(ids)} peer ids for {len(shards)} shards")
+        self._rngs = [np.random.default_rng([seed, k]) for k in ids]
         self._orders = [rng.permutation(shard) for rng, shard in zip(self._rngs, self.shards)]
         self._positions = [0] * len(shards)
 
@@ -63,6 +69,20 @@ class PeerSampler:
 
     def draw_all(self) -> list[np.ndarray]:
         return [self.draw(k) for k in range(self.peers)]
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything that decides the next draws: JSON (generator states, positions) and arrays
+        (the current epoch orders), for checkpoints."""
+        meta = {"positions": list(self._positions), "rngs": [rng.bit_generator.state for rng in self._rngs]}
+        return meta, {f"order_{k}": order for k, order in enumerate(self._orders)}
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        if len(meta["positions"]) != self.peers or len(meta["rngs"]) != self.peers:
+            raise ValueError(f"sampler state is for {len(meta['positions'])} peers, this sampler has {self.peers}")
+        for k, rng in enumerate(self._rngs):
+            rng.bit_generator.state = meta["rngs"][k]
+            self._orders[k] = np.asarray(arrays[f"order_{k}"], dtype=np.int64)
+        self._positions = [int(p) for p in meta["positions"]]
 
 
 def stacked_parameters(peer_model: PeerModel) -> list[nn.Parameter]:

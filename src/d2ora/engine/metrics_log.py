@@ -7,25 +7,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from d2ora import atomic
+from d2ora.engine.records import RoundRecord, clean
 
 JSONL = "metrics.jsonl"
 CSV = "metrics.csv"
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN / inf: write them as null (a diverged peer must not make the file unreadable)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 def flatten(row: dict[str, Any], metric: str) -> dict[str, Any]:
@@ -53,15 +42,20 @@ def flatten(row: dict[str, Any], metric: str) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Collects round records and keeps both files in step with them."""
+    """Collects round records and keeps both files in step with them (a round listener).
 
-    def __init__(self, directory: Path, metric: str) -> None:
+    ``rows`` may start with the rounds of an earlier, interrupted run being resumed."""
+
+    def __init__(self, directory: Path, metric: str, rows: list[dict[str, Any]] | None = None) -> None:
         self.directory = Path(directory)
         self.metric = metric
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.append(record.to_row())
 
     def append(self, row: dict[str, Any]) -> None:
-        self.rows.append(_clean(row))
+        self.rows.append(clean(row))
         lines = "".join(json.dumps(r) + "\n" for r in self.rows)
         atomic.write_text(self.directory / JSONL, lines)
         atomic.write_text(self.directory / CSV, self._csv())

@@ -2,22 +2,24 @@
 
 ``PeerModel(model, peers)`` turns every ``DoRALinear`` of an attached model into a
 ``StackedDoRALinear`` and every ``modules_to_save`` Linear into a ``StackedLinear``, in place.
-Batches are peer-major (rows ``[k·b, (k+1)·b)`` are peer k's). Mixers read and write the stacks
-through :meth:`mix_input` / :meth:`apply`; :meth:`peer_view` shows one peer as an ordinary attached
-model (to evaluate it alone, or to save its PEFT-format adapter with ``save_adapter``).
+Batches are peer-major (rows ``[k·b, (k+1)·b)`` are peer k's). Messages and checkpoints read and
+write the stacks as one flat row per peer (:meth:`flat` / :meth:`load_flat`, in the order of
+:meth:`layout`); :meth:`peer_view` shows one peer as an ordinary attached model (to evaluate it
+alone, or to save its PEFT-format adapter with ``save_adapter``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from d2ora.dora.attach import attached_config, dora_layers, resolve_modules_to_save, set_submodule
 from d2ora.dora.stacked import StackedDoRALinear, StackedLinear
-from d2ora.mixers.base import LayerStack, MixInput, MixOutput
+from d2ora.engine.layout import AdapterLayout
+from d2ora.mixers.base import LayerStack, MixOutput
 
 
 class PeerModel:
@@ -36,6 +38,7 @@ class PeerModel:
             set_submodule(model, name, module)
         self.model = model
         self.peers = peers
+        self._layout: AdapterLayout | None = None
 
     def _stacked(self) -> dict[str, StackedDoRALinear | StackedLinear]:
         return {**self.layers, **self.heads}
@@ -72,10 +75,47 @@ class PeerModel:
             for name, module in self._stacked().items():
                 set_submodule(self.model, name, module)
 
-    def mix_input(
-        self, weights: torch.Tensor, layer_inputs: Callable[[int, str], torch.Tensor] | None = None
-    ) -> MixInput:
-        """The stacks as a mixer sees them (detached views; mixers return new tensors)."""
+    def named_stacked(self) -> list[tuple[str, str, str, nn.Parameter]]:
+        """``(module, kind, name, parameter)`` for every stacked tensor, in the flat layout's order."""
+        named: list[tuple[str, str, str, nn.Parameter]] = []
+        for module, layer in self.layers.items():
+            for pname in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                param = getattr(layer, pname)
+                if param is not None:
+                    named.append((module, pname, pname, param))
+        for module, head in self.heads.items():
+            named.extend((module, "dense", pname, param) for pname, param in head.named_parameters())
+        return named
+
+    def layout(self) -> AdapterLayout:
+        """How one peer's adapter flattens to one vector (messages, checkpoints, the monitor)."""
+        if self._layout is None:
+            named = self.named_stacked()
+            dtypes = {p.dtype for *_, p in named}
+            if len(dtypes) != 1:
+                raise ValueError(f"stacked adapter tensors mix dtypes {sorted(map(str, dtypes))}; cast the adapter to one dtype")
+            self._layout = AdapterLayout.build(
+                [(m, k, n, tuple(p.shape[1:])) for m, k, n, p in named],
+                {name: layer.scaling for name, layer in self.layers.items()},
+                dtypes.pop(),
+            )
+        return self._layout
+
+    def flat(self) -> torch.Tensor:
+        """Every peer's adapter as one row: ``(P, numel)``, a detached copy."""
+        return self.layout().flatten({f"{m}.{n}": p for m, _, n, p in self.named_stacked()}, self.peers)
+
+    @torch.no_grad()
+    def load_flat(self, flat: torch.Tensor, rows: slice | None = None) -> None:
+        """Write ``(len(rows), numel)`` flat adapters into peers ``rows`` (all by default), in place
+        (the same tensors, so the optimizer keeps them)."""
+        rows = slice(0, self.peers) if rows is None else rows
+        views = self.layout().views(flat)
+        for module, _, pname, param in self.named_stacked():
+            param[rows].copy_(views[f"{module}.{pname}"])
+
+    def stacks(self) -> tuple[dict[str, LayerStack], dict[str, torch.Tensor]]:
+        """The stacks as ``(P, ...)`` mixer tensors (detached views): adapted layers and heads."""
         layers = {
             name: LayerStack(
                 lora_a=layer.lora_A.detach(),
@@ -90,11 +130,11 @@ class PeerModel:
             for name, head in self.heads.items()
             for pname, param in head.named_parameters()
         }
-        return MixInput(layers=layers, dense=dense, weights=weights, layer_inputs=layer_inputs)
+        return layers, dense
 
     @torch.no_grad()
     def apply(self, out: MixOutput) -> None:
-        """Write a mixer's result back into the stacked parameters (same tensors, so optimizers keep them)."""
+        """Write a mixer's (P, ...) result back into the stacked parameters (same tensors, so optimizers keep them)."""
         for name, stack in out.layers.items():
             layer = self.layers[name]
             layer.lora_A.copy_(stack.lora_a)
@@ -104,3 +144,13 @@ class PeerModel:
         for key, value in out.dense.items():
             head_name, _, pname = key.rpartition(".")
             getattr(self.heads[head_name], pname).copy_(value)
+
+    @contextlib.contextmanager
+    def holding(self, peer: int, flat: torch.Tensor) -> Iterator[PeerModel]:
+        """Peer ``peer`` temporarily holds the flat adapter ``flat`` (numel,); its own comes back after."""
+        saved = self.flat()[peer : peer + 1].clone()
+        self.load_flat(flat.reshape(1, -1), slice(peer, peer + 1))
+        try:
+            yield self
+        finally:
+            self.load_flat(saved, slice(peer, peer + 1))

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from d2ora.mixers.base import LayerStack, Mixer, MixInput, MixOutput, mix_dense_linearly
+from d2ora.mixers.base import LayerInputs, LayerStack, Mixer, MixOutput, Neighbourhoods, mix_dense_linearly
 from d2ora.mixers.d2ora import D2oraMixer
 from d2ora.mixers.decaf import DecafMixer
 from d2ora.mixers.dimat import DimatMixer
 from d2ora.mixers.fedavg import FedAvgMixer
+from d2ora.mixers.graph import closed_neighbourhood, degree_groups, mix_stacks
 from d2ora.mixers.local import LocalMixer
 
 MIXERS: dict[str, type] = {
@@ -20,8 +21,8 @@ MIXERS: dict[str, type] = {
 
 
 def make_mixer(name: str, **kwargs: Any) -> Mixer:
-    """The mixer registered as ``name``, constructed with ``kwargs`` (e.g. ``peer_weights`` for
-    ``fedavg``); a ValueError listing the valid names for an unknown one."""
+    """The mixer registered as ``name``, constructed with ``kwargs``; a ValueError listing the
+    valid names for an unknown one."""
     try:
         cls = MIXERS[name]
     except KeyError:
@@ -35,11 +36,15 @@ __all__ = [
     "DecafMixer",
     "DimatMixer",
     "FedAvgMixer",
+    "LayerInputs",
     "LayerStack",
     "LocalMixer",
-    "MixInput",
     "MixOutput",
     "Mixer",
+    "Neighbourhoods",
+    "closed_neighbourhood",
+    "degree_groups",
+    "mix_stacks",
     "make_mixer",
     "mix_dense_linearly",
 ]

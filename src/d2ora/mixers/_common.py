@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from d2ora.mixers.base import LayerStack, MixInput, mix_dense_linearly
+from d2ora.mixers.base import LayerStack, MixOutput, Neighbourhoods, mix_dense_linearly
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -18,32 +18,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def peer_count(inputs: MixInput) -> int:
-    """P from the stacks, checking that every factor, magnitude and dense tensor agrees on it."""
-    counts: dict[str, int] = {}
-    for name, stack in inputs.layers.items():
-        counts[f"{name}.lora_a"] = stack.lora_a.shape[0]
-        counts[f"{name}.lora_b"] = stack.lora_b.shape[0]
+def checked_weights(hood: Neighbourhoods) -> torch.Tensor:
+    """The (g, k) weights, checked against every stack and ``own``: a wrong shape or a NaN weight
+    would otherwise broadcast or propagate silently into every receiver's adapter."""
+    weights = hood.weights
+    if weights.dim() != 2:
+        raise ValueError(f"neighbourhood weights must be (receivers, neighbours), got shape {tuple(weights.shape)}")
+    expected = tuple(weights.shape)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, stack in hood.layers.items():
+        shapes[f"{name}.lora_a"] = tuple(stack.lora_a.shape[:2])
+        shapes[f"{name}.lora_b"] = tuple(stack.lora_b.shape[:2])
         if stack.magnitude is not None:
-            counts[f"{name}.magnitude"] = stack.magnitude.shape[0]
-    counts.update({name: t.shape[0] for name, t in inputs.dense.items()})
-    distinct = set(counts.values())
-    if len(distinct) > 1:
-        raise ValueError(f"tensors disagree on the peer count: {counts}")
-    if not distinct:  # nothing to mix: the matrix alone says how many peers there are
-        return inputs.weights.shape[0] if inputs.weights.dim() == 2 else 0
-    return distinct.pop()
-
-
-def checked_weights(inputs: MixInput) -> torch.Tensor:
-    """The (P, P) mixing matrix, checked against the stacks: the wrong shape or a NaN in W would
-    otherwise broadcast or propagate silently into every peer's adapter."""
-    peers = peer_count(inputs)
-    weights = inputs.weights
-    if weights.shape != (peers, peers):
-        raise ValueError(f"mixing matrix has shape {tuple(weights.shape)}, expected ({peers}, {peers})")
-    if not torch.isfinite(weights).all():
-        raise ValueError("mixing matrix holds non-finite entries")
+            shapes[f"{name}.magnitude"] = tuple(stack.magnitude.shape[:2])
+    shapes.update({name: tuple(t.shape[:2]) for name, t in hood.dense.items()})
+    wrong = {name: shape for name, shape in shapes.items() if shape != expected}
+    if wrong:
+        raise ValueError(f"weights have shape {expected} (receivers, neighbours) but tensors lead with {wrong}")
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError("neighbourhood weights must be finite and non-negative")
+    own = hood.own
+    if own.shape != (expected[0],) or (own < 0).any() or (own >= expected[1]).any():
+        raise ValueError(f"own must give one column in 0..{expected[1] - 1} per receiver, got {own.tolist()}")
     return weights
 
 
@@ -58,20 +54,16 @@ def mix_dense(weights: torch.Tensor, dense: dict[str, torch.Tensor]) -> dict[str
     return {name: mix_dense_linearly(weights, t) for name, t in dense.items()}
 
 
-def mix_stack_linearly(weights: torch.Tensor, stack: LayerStack) -> LayerStack:
-    """A, B and m each averaged with W: the D²ORA / DLoRA / FedAvg rule for one layer."""
-    return LayerStack(
-        lora_a=mix_dense_linearly(weights, stack.lora_a),
-        lora_b=mix_dense_linearly(weights, stack.lora_b),
-        magnitude=mix_magnitude(weights, stack.magnitude),
-        scaling=stack.scaling,
-    )
-
-
-def neighbourhood(weights: torch.Tensor, peer: int) -> torch.Tensor:
-    """Indices j with ``W[peer, j] != 0`` (the closed neighbourhood), ascending; an empty one is an
-    error because a peer must at least keep its own adapter."""
-    idx = torch.nonzero(weights[peer] != 0, as_tuple=False).flatten()
-    if idx.numel() == 0:
-        raise ValueError(f"row {peer} of the mixing matrix is all zero: peer {peer} would get nothing")
-    return idx
+def mix_linearly(hood: Neighbourhoods) -> MixOutput:
+    """A, B and m each averaged with the receiver's weights: the D²ORA / DLoRA / FedAvg rule."""
+    weights = checked_weights(hood)
+    layers = {
+        name: LayerStack(
+            lora_a=mix_dense_linearly(weights, stack.lora_a),
+            lora_b=mix_dense_linearly(weights, stack.lora_b),
+            magnitude=mix_magnitude(weights, stack.magnitude),
+            scaling=stack.scaling,
+        )
+        for name, stack in hood.layers.items()
+    }
+    return MixOutput(layers=layers, dense=mix_dense(weights, hood.dense))

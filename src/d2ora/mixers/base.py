@@ -1,10 +1,13 @@
-"""The mixer interface: one aggregation rule per class, knowing only tensors and mixing weights.
+"""The mixer interface: one aggregation rule per class, seeing only what a real peer can know.
 
-A mixer never knows how tensors travelled (in-process stacks, torch.distributed, signed files);
-the engine hands it every peer's adapter as stacked tensors plus the mixing matrix and gets back
-new stacks. Row i of the mixing matrix W holds the weights peer i gives to each peer (zero off
-its closed neighbourhood), so a mixer may only combine peer i's value with those of peers j
-where ``W[i, j] != 0``.
+A receiving peer i knows its own adapter, the adapters its in-neighbours sent it, its own row of
+mixing weights and (for DIMAT) its own data. A mixer gets exactly that, for a batch of receivers
+whose closed neighbourhoods have the same size k (so e.g. every peer of a ring is one batched
+call): every tensor carries two leading dims ``(g, k)`` (receiver, neighbour), ``weights[g, k]``
+is the weight receiver g gives its k-th neighbour, and ``own[g]`` says which of the k is the
+receiver itself. The mixer returns one new adapter per receiver, ``(g, ...)``. It never sees the
+global mixing matrix, other peers' rows, or how the adapters travelled (in memory, over
+torch.distributed, or through the trust layer's signature checks).
 """
 
 from __future__ import annotations
@@ -18,34 +21,47 @@ import torch
 
 @dataclass
 class LayerStack:
-    """One adapted layer's adapters for all P peers, stacked on dim 0."""
+    """One adapted layer's adapters, stacked on the leading dims (``(g, k)`` in a mixer's input,
+    ``(g,)`` in its output, ``(P,)`` for the P peers of a process)."""
 
-    lora_a: torch.Tensor  # (P, r, in)
-    lora_b: torch.Tensor  # (P, out, r)
-    magnitude: torch.Tensor | None  # (P, out) for DoRA, None for LoRA
+    lora_a: torch.Tensor  # (.., r, in)
+    lora_b: torch.Tensor  # (.., out, r)
+    magnitude: torch.Tensor | None  # (.., out) for DoRA, None for LoRA
     scaling: float  # s = alpha / r (or alpha / sqrt(r))
 
-    @property
-    def peers(self) -> int:
-        return self.lora_a.shape[0]
+
+#: ``layer_inputs(row, layer)`` -> (tokens, in): what ``layer`` sees on a batch of receiver
+#: ``row``'s own data (its own model, its own examples).
+LayerInputs = Callable[[int, str], torch.Tensor]
 
 
 @dataclass
-class MixInput:
-    """Everything a mixer may read in one round."""
+class Neighbourhoods:
+    """g receivers, each with the adapters of its closed neighbourhood of k peers (itself included)."""
 
-    layers: dict[str, LayerStack]
-    #: Dense trainable tensors (modules_to_save, e.g. a classification head), each (P, ...).
+    layers: dict[str, LayerStack]  # every tensor (g, k, ...)
+    #: Dense trainable tensors (modules_to_save, e.g. a classification head), each (g, k, ...).
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: (P, P) row-stochastic mixing matrix; W[i, j] is the weight peer i gives peer j.
-    weights: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))
-    #: For activation-matching mixers (DIMAT): ``layer_inputs(peer, layer)`` -> (tokens, in), the
-    #: inputs that ``layer`` sees on a batch of ``peer``'s own data. None when not available.
-    layer_inputs: Callable[[int, str], torch.Tensor] | None = None
+    #: (g, k) non-negative weights; row g is receiver g's own row of the mixing matrix.
+    weights: torch.Tensor = field(default_factory=lambda: torch.ones(1, 1))
+    #: (g,) column of each receiver's own adapter among its k neighbours.
+    own: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
+    #: For activation-matching mixers (DIMAT); None when not available.
+    layer_inputs: LayerInputs | None = None
+
+    @property
+    def receivers(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.weights.shape[1]
 
 
 @dataclass
 class MixOutput:
+    """One new adapter per receiver: every tensor (g, ...)."""
+
     layers: dict[str, LayerStack]
     dense: dict[str, torch.Tensor]
 
@@ -58,17 +74,23 @@ class Mixer(Protocol):
     factors_replaced: ClassVar[bool]
     needs_layer_inputs: ClassVar[bool]
 
-    def mix(self, inputs: MixInput) -> MixOutput: ...
+    def mix(self, hood: Neighbourhoods) -> MixOutput: ...
 
 
 def mix_dense_linearly(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
-    """``out[i] = Σ_j W[i, j] · x[j]`` over the peer dimension (dim 0), for any trailing shape.
+    """``out[g] = Σ_k weights[g, k] · x[g, k]`` for any trailing shape: (g, k), (g, k, ...) -> (g, ...).
 
     Computed in at least fp32 and returned in the input's dtype: in bf16 a 1/3 weight is 0.33398,
-    so rows would stop summing to 1 and repeated mixing would drift the mean. W may live on the
-    CPU while the stacks sit on an accelerator.
+    so rows would stop summing to 1 and repeated mixing would drift the mean. The weights may live
+    on the CPU while the stacks sit on an accelerator.
     """
     compute = torch.promote_types(stacked.dtype, torch.float32)
-    flat = stacked.reshape(stacked.shape[0], -1).to(compute)
-    mixed = weights.to(device=flat.device, dtype=compute) @ flat
-    return mixed.reshape(weights.shape[0], *stacked.shape[1:]).to(stacked.dtype)
+    g, k = stacked.shape[:2]
+    flat = stacked.reshape(g, k, -1).to(compute)
+    mixed = torch.bmm(weights.to(device=flat.device, dtype=compute).unsqueeze(1), flat)  # (g, 1, n)
+    return mixed.reshape(g, *stacked.shape[2:]).to(stacked.dtype)
+
+
+def own_slice(hood: Neighbourhoods, stacked: torch.Tensor) -> torch.Tensor:
+    """Each receiver's own entry of a (g, k, ...) tensor: (g, ...)."""
+    return stacked[torch.arange(stacked.shape[0], device=stacked.device), hood.own.to(stacked.device)]

@@ -15,24 +15,21 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from d2ora.mixers._common import checked_weights, mix_dense, mix_stack_linearly
-from d2ora.mixers.base import MixInput, MixOutput
+from d2ora.mixers._common import mix_linearly
+from d2ora.mixers.base import MixOutput, Neighbourhoods
 
 
 class D2oraMixer:
-    """Each peer replaces m, B and A by the W-weighted average over its closed neighbourhood.
+    """Each receiver replaces m, B and A by the weighted average over its closed neighbourhood.
 
-    One batched matmul over the peer dimension per tensor (``W @ X.reshape(P, -1)``); zero entries
-    of W keep non-neighbours out. A and B stay in the same coordinates (row k of A is still row k),
-    so the optimizer's moments remain meaningful and ``factors_replaced`` is False.
-    Works for LoRA (``magnitude is None``) unchanged.
+    One batched matmul per tensor over the receivers. A and B stay in the same coordinates (row k
+    of A is still row k), so the optimizer's moments remain meaningful and ``factors_replaced`` is
+    False. Works for LoRA (``magnitude is None``) unchanged.
     """
 
     name: ClassVar[str] = "d2ora"
     factors_replaced: ClassVar[bool] = False
     needs_layer_inputs: ClassVar[bool] = False
 
-    def mix(self, inputs: MixInput) -> MixOutput:
-        weights = checked_weights(inputs)
-        layers = {name: mix_stack_linearly(weights, stack) for name, stack in inputs.layers.items()}
-        return MixOutput(layers=layers, dense=mix_dense(weights, inputs.dense))
+    def mix(self, hood: Neighbourhoods) -> MixOutput:
+        return mix_linearly(hood)

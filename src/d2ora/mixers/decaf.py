@@ -26,8 +26,8 @@ from typing import ClassVar
 
 import torch
 
-from d2ora.mixers._common import checked_weights, compute_dtype, mix_dense, mix_magnitude, neighbourhood
-from d2ora.mixers.base import LayerStack, MixInput, MixOutput
+from d2ora.mixers._common import checked_weights, compute_dtype, mix_dense, mix_magnitude
+from d2ora.mixers.base import LayerStack, MixOutput, Neighbourhoods
 
 
 def factored_svd(
@@ -134,8 +134,8 @@ class DecafMixer:
     neighbourhood's W-weighted average of the products s·B_j A_j; the DoRA magnitude m (one entry per
     output row, a fixed basis) and dense tensors are mixed linearly.
 
-    Peers are batched by neighbourhood size, so a regular topology (ring, torus, complete graph)
-    costs one batched QR/QR/SVD per layer. See ``decaf_factors`` for the handling of the scaling s,
+    The engine batches receivers by neighbourhood size, so a regular topology (ring, torus,
+    complete graph) costs one batched QR/QR/SVD per layer. See ``decaf_factors`` for the handling of the scaling s,
     of zero singular values and of r > min(out, in).
 
     Optimizer state: ``factors_replaced = True``. The new B and A are expressed in the singular
@@ -150,30 +150,16 @@ class DecafMixer:
     factors_replaced: ClassVar[bool] = True
     needs_layer_inputs: ClassVar[bool] = False
 
-    def mix(self, inputs: MixInput) -> MixOutput:
-        weights = checked_weights(inputs)
-        peers = weights.shape[0]
-        # Group peers by neighbourhood size so each group is one batched factorisation.
-        groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
-        for i in range(peers):
-            idx = neighbourhood(weights, i)
-            groups.setdefault(idx.numel(), []).append((i, idx))
-
+    def mix(self, hood: Neighbourhoods) -> MixOutput:
+        weights = checked_weights(hood)
         layers: dict[str, LayerStack] = {}
-        for name, stack in inputs.layers.items():
-            new_b = torch.empty_like(stack.lora_b)
-            new_a = torch.empty_like(stack.lora_a)
-            for members in groups.values():
-                rows = torch.tensor([i for i, _ in members])
-                nbrs = torch.stack([idx for _, idx in members])  # (g, k)
-                w = weights[rows.unsqueeze(-1), nbrs]  # (g, k)
-                b, a = decaf_factors(stack.lora_b[nbrs], stack.lora_a[nbrs], w, stack.scaling)
-                new_b[rows] = b.to(new_b.dtype)
-                new_a[rows] = a.to(new_a.dtype)
+        for name, stack in hood.layers.items():
+            # One batched factorisation over the g receivers (all have k neighbours).
+            b, a = decaf_factors(stack.lora_b, stack.lora_a, weights, stack.scaling)
             layers[name] = LayerStack(
-                lora_a=new_a,
-                lora_b=new_b,
+                lora_a=a.to(stack.lora_a.dtype),
+                lora_b=b.to(stack.lora_b.dtype),
                 magnitude=mix_magnitude(weights, stack.magnitude),
                 scaling=stack.scaling,
             )
-        return MixOutput(layers=layers, dense=mix_dense(weights, inputs.dense))
+        return MixOutput(layers=layers, dense=mix_dense(weights, hood.dense))

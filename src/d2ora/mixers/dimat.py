@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from d2ora.mixers._common import checked_weights, compute_dtype, mix_dense, mix_magnitude, neighbourhood
-from d2ora.mixers.base import LayerStack, MixInput, MixOutput
+from d2ora.mixers._common import checked_weights, compute_dtype, mix_dense, mix_magnitude
+from d2ora.mixers.base import LayerStack, MixOutput, Neighbourhoods
 
 
 def rank_correlation(x: torch.Tensor, a_ref: torch.Tensor, a_other: torch.Tensor) -> torch.Tensor:
@@ -84,8 +84,8 @@ def align_factors(
 
 class DimatMixer:
     """DIMAT (arXiv 2404.08079) on adapters: each peer aligns every neighbour's rank space to its own
-    by activation matching on a batch of its own layer inputs (``MixInput.layer_inputs(peer,
-    layer)``), then takes the W-weighted average; m and dense tensors are mixed linearly.
+    by activation matching on a batch of its own layer inputs (``Neighbourhoods.layer_inputs(receiver,
+    layer)``), then takes the weighted average; m and dense tensors are mixed linearly.
 
     Alignment is to peer i's own basis, and a peer's own factors are never permuted, so row k of the
     new A_i continues row k of the old A_i: ``factors_replaced = False`` and the optimizer's moments
@@ -98,40 +98,38 @@ class DimatMixer:
     factors_replaced: ClassVar[bool] = False
     needs_layer_inputs: ClassVar[bool] = True
 
-    def mix(self, inputs: MixInput) -> MixOutput:
-        if inputs.layer_inputs is None:
+    def mix(self, hood: Neighbourhoods) -> MixOutput:
+        if hood.layer_inputs is None:
             raise ValueError(
-                "the 'dimat' mixer matches activations and needs MixInput.layer_inputs (a callable "
-                "(peer, layer) -> (tokens, in) tensor of that layer's inputs on the peer's own data); got None"
+                "the 'dimat' mixer matches activations and needs Neighbourhoods.layer_inputs (a callable "
+                "(receiver, layer) -> (tokens, in) tensor of that layer's inputs on the receiver's own data); got None"
             )
-        weights = checked_weights(inputs)
-        peers = weights.shape[0]
-        nbrs = [neighbourhood(weights, i) for i in range(peers)]
-
+        weights = checked_weights(hood)
+        own = hood.own.tolist()
         layers: dict[str, LayerStack] = {}
-        for name, stack in inputs.layers.items():
+        for name, stack in hood.layers.items():
             dtype = compute_dtype(stack.lora_a.dtype)
-            a_all = stack.lora_a.to(dtype)
+            a_all = stack.lora_a.to(dtype)  # (g, k, r, in)
             b_all = stack.lora_b.to(dtype)
             n_in = a_all.shape[-1]
-            new_a = torch.empty_like(stack.lora_a)
-            new_b = torch.empty_like(stack.lora_b)
-            for i in range(peers):
-                x = inputs.layer_inputs(i, name)
+            new_a = torch.empty_like(stack.lora_a[:, 0])
+            new_b = torch.empty_like(stack.lora_b[:, 0])
+            for i, me in enumerate(own):
+                x = hood.layer_inputs(i, name)
                 if x.shape[-1] != n_in:
                     raise ValueError(
                         f"layer_inputs({i}, {name!r}) has last dim {x.shape[-1]}, the layer's input dim is {n_in}"
                     )
                 x = x.detach().reshape(-1, n_in).to(device=a_all.device, dtype=dtype)
-                acc_a = torch.zeros_like(a_all[i])
-                acc_b = torch.zeros_like(b_all[i])
-                for j in nbrs[i].tolist():
+                acc_a = torch.zeros_like(a_all[i, me])
+                acc_b = torch.zeros_like(b_all[i, me])
+                for j in range(a_all.shape[1]):
                     w = weights[i, j].to(device=a_all.device, dtype=dtype)
-                    if j == i:  # own factors define the reference basis: never permuted
-                        acc_a += w * a_all[i]
-                        acc_b += w * b_all[i]
+                    if j == me:  # own factors define the reference basis: never permuted
+                        acc_a += w * a_all[i, me]
+                        acc_b += w * b_all[i, me]
                         continue
-                    a_j, b_j, _, _ = align_factors(x, a_all[i], a_all[j], b_all[j])
+                    a_j, b_j, _, _ = align_factors(x, a_all[i, me], a_all[i, j], b_all[i, j])
                     acc_a += w * a_j
                     acc_b += w * b_j
                 new_a[i] = acc_a.to(new_a.dtype)
@@ -142,4 +140,4 @@ class DimatMixer:
                 magnitude=mix_magnitude(weights, stack.magnitude),
                 scaling=stack.scaling,
             )
-        return MixOutput(layers=layers, dense=mix_dense(weights, inputs.dense))
+        return MixOutput(layers=layers, dense=mix_dense(weights, hood.dense))

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from d2ora.mixers.base import MixInput, MixOutput
+from d2ora.mixers._common import checked_weights
+from d2ora.mixers.base import LayerStack, MixOutput, Neighbourhoods, own_slice
 
 
 class LocalMixer:
-    """Returns the inputs unchanged: the same tensor objects, not copies (nothing is computed, so
-    nothing needs a new buffer). Mixing weights are ignored, and not even checked, because a
-    peer training alone has no neighbours to weigh.
+    """Returns each receiver's own adapter; the neighbours' adapters and the weights are ignored
+    (a run with this rule sends nothing, so its neighbourhoods hold only the receiver itself).
 
-    The ``centralized`` upper bound (one peer trained on the pooled data) is an engine mode, not a
+    The ``centralized`` upper bound (one peer trained on the pooled data) is a run mode, not a
     mixer.
     """
 
@@ -20,5 +20,15 @@ class LocalMixer:
     factors_replaced: ClassVar[bool] = False
     needs_layer_inputs: ClassVar[bool] = False
 
-    def mix(self, inputs: MixInput) -> MixOutput:
-        return MixOutput(layers=dict(inputs.layers), dense=dict(inputs.dense))
+    def mix(self, hood: Neighbourhoods) -> MixOutput:
+        checked_weights(hood)
+        layers = {
+            name: LayerStack(
+                lora_a=own_slice(hood, stack.lora_a),
+                lora_b=own_slice(hood, stack.lora_b),
+                magnitude=None if stack.magnitude is None else own_slice(hood, stack.magnitude),
+                scaling=stack.scaling,
+            )
+            for name, stack in hood.layers.items()
+        }
+        return MixOutput(layers=layers, dense={name: own_slice(hood, t) for name, t in hood.dense.items()})

@@ -14,7 +14,10 @@ from rich.console import Console
 
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.simulate import simulate
-from d2ora.recipes.simulate_config import MIXER_CHOICES, SimulateConfig
+from d2ora.recipes.simulate_config import CENTRALIZED, MIXER_CHOICES, SimulateConfig
+
+#: What compare runs side by side: every mixer, and the centralized run mode.
+METHOD_CHOICES = (*MIXER_CHOICES, CENTRALIZED)
 
 DEFAULT_MIXERS = ("local", "d2ora", "decaf", "dimat", "fedavg", "centralized")
 
@@ -23,9 +26,9 @@ def parse_mixers(text: str | list[str]) -> list[str]:
     """``"local,d2ora"`` -> ``["local", "d2ora"]``; unknown or repeated names are a ValueError."""
     names = [n.strip().lower().replace("-", "_") for n in (text.split(",") if isinstance(text, str) else text)]
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in MIXER_CHOICES]
+    unknown = [n for n in names if n not in METHOD_CHOICES]
     if unknown:
-        raise ValueError(f"unknown mixer(s) {', '.join(unknown)}; choose from {', '.join(MIXER_CHOICES)}")
+        raise ValueError(f"unknown mixer(s) {', '.join(unknown)}; choose from {', '.join(METHOD_CHOICES)}")
     if len(set(names)) != len(names):
         raise ValueError(f"mixer list repeats a name: {', '.join(names)}")
     if not names:
@@ -42,7 +45,8 @@ def compare(config: SimulateConfig, mixers: list[str], console: Console | None =
     runs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     for i, mixer in enumerate(mixers, 1):
         console.rule(f"[bold]{mixer}[/bold] ({i}/{len(mixers)})")
-        run_config = config.model_copy(update={"mixer": mixer, "output_dir": root / mixer})
+        mode = {"mode": CENTRALIZED} if mixer == CENTRALIZED else {"mode": "decentralized", "mixer": mixer}
+        run_config = config.model_copy(update={**mode, "output_dir": root / mixer})
         summary = simulate(SimulateConfig.model_validate(run_config.model_dump()), console=console)
         runs.append((summary, read_rows(root / mixer)))
     path = write_compare_report(root, runs)

@@ -16,9 +16,18 @@ from d2ora.mixers import MIXERS
 from d2ora.models import DEFAULT_MODEL, check_device_name
 from d2ora.topology import MIXING_RULES, TOPOLOGY_NAMES
 
-#: Runs that are not a mixer: one peer trained on the pooled data (the upper bound).
+#: The run mode that is not a mixer: one peer trained on the pooled data (the upper bound).
+#: ``mixer: centralized`` (and ``--mixer centralized``, ``compare --mixers ...,centralized``) is
+#: accepted as a shorthand for ``mode: centralized``.
 CENTRALIZED = "centralized"
-MIXER_CHOICES = (*sorted(MIXERS), CENTRALIZED)
+MIXER_CHOICES = tuple(sorted(MIXERS))
+WIRE_DTYPES = ("native", "fp32", "bf16", "fp16")
+#: Keys that cannot change a run's results: they may differ between a run and its resume, and
+#: between the processes of one torchrun job.
+RESULT_NEUTRAL_KEYS = frozenset({
+    "eval_batch_size", "output_dir", "device", "peer_group_size", "timeout_s", "checkpoint_every",
+    "keep_checkpoints", "tensorboard", "save_adapters", "save_merged",
+})
 #: Measured on a 2-core CPU with MiniLM (benchmarks/simulate_scale.py): passes of about 2k tokens
 #: are fastest; larger ones are memory-bound in their elementwise work.
 CPU_TOKENS_PER_PASS = 2048
@@ -63,8 +72,10 @@ class SimulateConfig(BaseModel):
     topology: str = Field("ring", description=f"Gossip graph: {', '.join(TOPOLOGY_NAMES)}.")
     topology_params: dict[str, Any] = Field(default_factory=dict, description="Extra builder arguments, e.g. {p: 0.3, seed: 1} for erdos_renyi, {path: edges.txt} for file.")
     mixing: str = Field("metropolis_hastings", description=f"Mixing weights: {', '.join(MIXING_RULES)}.")
+    mode: Literal["decentralized", "centralized"] = Field("decentralized", description="'centralized': one peer on the pooled shards with P times the batch (the upper bound; 'mixer: centralized' means the same).")
     mixer: str = Field("decaf", description=f"Aggregation rule: {', '.join(MIXER_CHOICES)}.")
     mixing_steps: int = Field(1, ge=1, description="Gossip steps per round (each sends every adapter to each neighbour once more).")
+    wire_dtype: str = Field("native", description=f"Dtype of adapters in messages: {', '.join(WIRE_DTYPES)} ('bf16': half the bytes of fp32; mixing still runs in fp32).")
 
     # --- adapter
     method: Literal["dora", "lora"] = Field("dora", description="'dora' or plain 'lora' (no magnitude).")
@@ -100,7 +111,28 @@ class SimulateConfig(BaseModel):
     output_dir: Path = Field(Path("runs/simulate"), description="Report folder.")
     save_adapters: bool = Field(True, description="Write every peer's final adapter (PEFT format).")
     save_merged: bool = Field(True, description="Write the merged consensus model (dense, loads without d2ora).")
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ... (under torchrun 'auto' takes cuda:LOCAL_RANK).")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files to output_dir/tensorboard (tensorboard --logdir runs/).")
+
+    # --- checkpoints and processes
+    checkpoint_every: int = Field(1, ge=1, description="Checkpoint every this many rounds (and after the last); --resume continues from the newest.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per process (older ones are pruned).")
+    timeout_s: float = Field(300.0, gt=0, description="d2ora peer: seconds to wait for a neighbour's message before stopping with its name.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _centralized_shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and _key(data.get("mixer", "")) == CENTRALIZED:
+            data = {**data, "mixer": "local", "mode": CENTRALIZED}
+        return data
+
+    @field_validator("wire_dtype")
+    @classmethod
+    def _known_wire_dtype(cls, value: str) -> str:
+        key = _key(value).replace("bfloat16", "bf16").replace("float32", "fp32").replace("float16", "fp16")
+        if key not in WIRE_DTYPES:
+            raise ValueError(f"unknown wire_dtype {value!r}; choose one of {', '.join(WIRE_DTYPES)}")
+        return key
 
     @field_validator("mixer", "partition", "topology", "mixing")
     @classmethod
@@ -129,7 +161,17 @@ class SimulateConfig(BaseModel):
 
     @property
     def centralized(self) -> bool:
-        return self.mixer == CENTRALIZED
+        return self.mode == CENTRALIZED
+
+    @property
+    def run_name(self) -> str:
+        """The method's name in reports: the mixer, or 'centralized'."""
+        return CENTRALIZED if self.centralized else self.mixer
+
+    def result_config(self) -> dict[str, Any]:
+        """The keys that decide results (JSON-able): what a resume and every torchrun process must share."""
+        data = self.model_dump(mode="json")
+        return {k: v for k, v in sorted(data.items()) if k not in RESULT_NEUTRAL_KEYS}
 
     def group_size(self, device: torch.device) -> int:
         """Peers per pass: the configured size, or the default for ``device`` (see the field)."""

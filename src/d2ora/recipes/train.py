@@ -16,27 +16,15 @@ the full splits.
 
 from __future__ import annotations
 
-import contextlib
-import random
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from datasets import Dataset
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -54,6 +42,7 @@ from d2ora.dora.attach import AttachReport, attach
 from d2ora.dora.config import DoRAConfig
 from d2ora.engine.local_steps import linear_schedule
 from d2ora.models import DEFAULT_MODEL, LoadedModel, check_device_name, head_modules, load_model
+from d2ora.runtime_support import progress_bar, quiet_datasets, resolve_device, seed_everything
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -146,32 +135,6 @@ class TrainConfig(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- setup
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@contextlib.contextmanager
-def quiet_datasets() -> Iterator[None]:
-    """Hide `datasets`' per-map progress bars; the run has its own progress display."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
-
-
 def prepare_splits(config: TrainConfig) -> dict[str, Dataset]:
     """Raw train / validation / test splits, capped as configured (stratified for classification)."""
     classify = config.task == "classification"
@@ -212,7 +175,10 @@ def _clear_stale_checkpoints(output_dir: Path) -> None:
 def _save(model: nn.Module, directory: Path, loaded: LoadedModel, task: Task) -> Path:
     from d2ora.dora.files import save_adapter
 
-    return save_adapter(model, directory, base_model_name_or_path=loaded.source.path, task_type=task.peft_task_type)
+    # The hub id for a preset, not this machine's package folder: the file must load elsewhere.
+    return save_adapter(
+        model, directory, base_model_name_or_path=loaded.source.portable_name, task_type=task.peft_task_type
+    )
 
 
 def _attach_info(report: AttachReport) -> dict[str, Any]:
@@ -224,14 +190,6 @@ def _attach_info(report: AttachReport) -> dict[str, Any]:
         "total_params": report.total_params,
         "trainable_percent": report.trainable_percent,
     }
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
-    )
 
 
 def _fmt(metrics: dict[str, float], metric: str) -> str:
@@ -249,6 +207,8 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
 
     with quiet_datasets():
         splits = prepare_splits(config)  # data first: a bad source fails before a model loads
+        # ... and an unwritable output folder fails before the model loads and trains for minutes.
+        atomic.ensure_writable_dir(output_dir)
         task = make_task(config.task, splits["train"])
         label_names = getattr(task, "label_names", None)
         loaded = load_model(config.model_name, config.task, label_names=label_names, seed=config.seed)
@@ -279,7 +239,6 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
         f"{len(tokenised['test'])} test examples; {total_steps} steps on {device}"
     )
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     _clear_stale_checkpoints(output_dir)
     atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
     result: dict[str, Any] = {
@@ -312,7 +271,7 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
     record_epoch(0, 0, None)
     step = 0
     model.train()
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         bar = progress.add_task("training", total=total_steps, loss="-")
         for epoch in range(1, config.epochs + 1):
             loss_sum, batches = 0.0, 0

@@ -1,0 +1,69 @@
+"""``d2ora peer`` (one process of a torchrun job) and ``d2ora launch`` (torchrun on this machine)."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Annotated, Any
+
+import typer
+
+from d2ora.commands._errors import fail
+from d2ora.commands.simulate import ConfigOption, OutputOption, ResumeOption, SetOption, console_for_logs, load_run_config, user_errors
+
+
+def peer(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    output_dir: OutputOption = None,
+    resume: ResumeOption = None,
+) -> None:
+    """One process of a decentralized run, started by torchrun:
+
+    torchrun --nnodes N --nproc-per-node K --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m d2ora peer --config run.yaml
+
+    Hosts a contiguous block of the peers; every process must get the same config. Under
+    torchrun --max-restarts, a restarted job continues from the newest checkpoint all processes hold.
+    """
+    from d2ora.recipes.peer import run_peer
+
+    updates: dict[str, Any] = {} if output_dir is None else {"output_dir": str(output_dir)}
+    try:
+        run_peer(load_run_config(config, set_, updates, resume), console=console_for_logs(), resume=resume is not None)
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+
+
+def launch(
+    procs: Annotated[int, typer.Option("--procs", "-n", min=1, help="Processes to start on this machine (the peers are split among them).")] = 2,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    output_dir: OutputOption = None,
+    resume: ResumeOption = None,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="torchrun restarts after a failure (each resumes from the newest checkpoint).")] = 0,
+) -> None:
+    """Start ``procs`` d2ora peer processes on this machine with torchrun (loopback rendezvous)."""
+    from d2ora.recipes.peer import torchrun_command
+
+    args: list[str] = []
+    if config is not None:
+        args += ["--config", str(config)]
+    for item in set_ or []:
+        args += ["--set", item]
+    if output_dir is not None:
+        args += ["--output-dir", str(output_dir)]
+    if resume is not None:
+        args += ["--resume", str(resume)]
+    try:
+        load_run_config(config, set_, {} if output_dir is None else {"output_dir": str(output_dir)}, resume)  # fail fast, before torchrun
+    except user_errors() as exc:
+        raise fail(str(exc)) from None
+    command = torchrun_command(procs, args, max_restarts)
+    console_for_logs().print(" ".join(command), style="dim", soft_wrap=True)
+    code = subprocess.call(command)
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("peer")(peer)
+    app.command("launch")(launch)

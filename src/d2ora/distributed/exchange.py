@@ -1,0 +1,153 @@
+"""Moving messages between processes with torch.distributed point-to-point operations.
+
+One flat buffer per (sender, receiver) message (:mod:`d2ora.distributed.wire`), all of a gossip
+step posted at once with ``batch_isend_irecv`` (so no ordering of sends and receives can
+deadlock), in the same sorted (sender, receiver) order on both sides (NCCL matches by order, gloo
+by tag; both hold). Messages between peers of the same process never leave memory. A receive that
+does not complete within the job's timeout names the silent peer and the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from d2ora.distributed import wire
+from d2ora.distributed.group import Group, first_failure, note_failure
+from d2ora.engine.exchange import Inbox, Routes, wire_round_trip
+
+
+class PeerSilentError(RuntimeError):
+    """A neighbour's message did not arrive in time (or its process is gone)."""
+
+
+def _wait(works: Sequence[dist.Work], describe: Callable[[int], str], group: Group) -> None:
+    """Wait for every operation; the first that fails or times out stops the job with one line."""
+    for index, work in enumerate(works):
+        try:
+            work.wait(group.timeout)
+        except RuntimeError as exc:
+            mine = f"{describe(index)} within {group.timeout.total_seconds():g} s ({type(exc).__name__})"
+            # Our wait may be a symptom of another process's failure: report theirs when there is one.
+            cause = first_failure(group)
+            note_failure(group, mine)
+            raise PeerSilentError(cause or mine) from None
+
+
+class DistributedExchange:
+    """The :class:`~d2ora.engine.exchange.Exchange` of one process in a torchrun job."""
+
+    def __init__(self, routes: Routes, hosted: Sequence[int], owner: Callable[[int], int], group: Group,
+                 numel: int, layout_dtype: torch.dtype, wire_dtype: torch.dtype | None = None) -> None:
+        self.routes = routes
+        self.hosted = list(hosted)
+        self.owner = owner
+        self.group = group
+        self.numel = numel
+        self.layout_dtype = layout_dtype
+        self.wire_dtype = wire_dtype or layout_dtype
+        hosted_set = set(self.hosted)
+        #: (sender, receiver) pairs crossing process boundaries, sorted; and local ones.
+        self.outbound = sorted((j, i) for j in self.hosted for i in routes.out_neighbours(j) if i not in hosted_set)
+        self.inbound = sorted((j, i) for i in self.hosted for j in routes.in_neighbours(i) if j not in hosted_set)
+        self.local_pairs = [(j, i) for i in self.hosted for j in routes.in_neighbours(i) if j in hosted_set]
+        self.buffer_device = group.device if group.backend == "nccl" else torch.device("cpu")
+
+    def _tag(self, sender: int, receiver: int) -> int:
+        return 1 + sender * self.routes.peers + receiver
+
+    def _header(self, sender: int, receiver: int, round_index: int, step: int) -> wire.Header:
+        return wire.Header(round_index, step, sender, receiver, self.numel, self.wire_dtype)
+
+    def exchange(self, outgoing: torch.Tensor, round_index: int, step: int) -> Inbox:
+        row = {peer: k for k, peer in enumerate(self.hosted)}
+        itemsize = torch.empty(0, dtype=self.wire_dtype).element_size()
+        inbox = Inbox(payload_bytes={j: 0 for j in self.hosted})
+        for j, i in self.local_pairs:
+            inbox.messages[(j, i)] = wire_round_trip(outgoing[row[j]], self.wire_dtype)
+            inbox.payload_bytes[j] += self.numel * itemsize
+        ops: list[dist.P2POp] = []
+        sends = []
+        for j, i in self.outbound:
+            payload = outgoing[row[j]].to(device=self.buffer_device, dtype=self.wire_dtype)
+            buffer = wire.encode(self._header(j, i, round_index, step), payload)
+            sends.append(buffer)  # kept alive until the send completes
+            ops.append(dist.P2POp(dist.isend, buffer, self.owner(i), tag=self._tag(j, i)))
+            inbox.payload_bytes[j] += self.numel * itemsize
+            inbox.wire_bytes += buffer.numel()
+        receives = []
+        for j, i in self.inbound:
+            buffer = torch.empty(wire.buffer_bytes(self.numel, self.wire_dtype), dtype=torch.uint8, device=self.buffer_device)
+            receives.append(((j, i), buffer))
+            ops.append(dist.P2POp(dist.irecv, buffer, self.owner(j), tag=self._tag(j, i)))
+        if ops:
+            works = dist.batch_isend_irecv(ops)
+            pairs = self.outbound + self.inbound
+            n_out = len(self.outbound)
+
+            def describe(index: int) -> str:
+                j, i = pairs[index]
+                if index < n_out:
+                    return f"peer {i} (process {self.owner(i)}) did not take peer {j}'s round {round_index} message (gossip step {step})"
+                return f"peer {j} (process {self.owner(j)}) sent peer {i} nothing for round {round_index} (gossip step {step})"
+
+            _wait(works, describe, self.group)
+        for (j, i), buffer in receives:
+            payload = wire.decode(buffer, self._header(j, i, round_index, step))
+            inbox.messages[(j, i)] = payload.to(device=outgoing.device, dtype=self.layout_dtype)
+        return inbox
+
+
+class DistributedCollector:
+    """Brings per-peer values and adapters to process 0 (which hosts peer 0 and the monitor)."""
+
+    VALUES, ADAPTERS = 1, 2
+
+    def __init__(self, group: Group, blocks: Sequence[range], peers: int) -> None:
+        self.group = group
+        self.blocks = list(blocks)
+        self.peers = peers
+        self.is_monitor = group.is_root
+        self.buffer_device = group.device if group.backend == "nccl" else torch.device("cpu")
+
+    def _tag(self, kind: int, rank: int) -> int:
+        # Above every exchange tag (1 + P·P).
+        return 2 + self.peers * self.peers + kind * self.group.world_size + rank
+
+    def _gather(self, local: torch.Tensor, kind: int, round_index: int) -> torch.Tensor | None:
+        group = self.group
+        local = local.to(self.buffer_device).contiguous()
+        width, dtype = local.shape[1], local.dtype
+        if not group.is_root:
+            header = wire.Header(round_index, kind, group.rank, 0, local.numel(), dtype)
+            work = dist.isend(wire.encode(header, local.reshape(-1)), 0, tag=self._tag(kind, group.rank))
+            _wait([work], lambda _: f"process 0 (peer 0) did not collect round {round_index}'s results from process {group.rank}", group)
+            return None
+        parts = [local]
+        works, buffers = [], []
+        for rank in range(1, group.world_size):
+            n = len(self.blocks[rank]) * width
+            buffer = torch.empty(wire.buffer_bytes(n, dtype), dtype=torch.uint8, device=self.buffer_device)
+            buffers.append((rank, n, buffer))
+            works.append(dist.irecv(buffer, rank, tag=self._tag(kind, rank)))
+        blocks = self.blocks
+
+        def describe(index: int) -> str:
+            rank = buffers[index][0]
+            return (f"peers {blocks[rank].start}..{blocks[rank].stop - 1} (process {rank}) sent no results "
+                    f"for round {round_index}")
+
+        _wait(works, describe, group)
+        for rank, n, buffer in buffers:
+            payload = wire.decode(buffer, wire.Header(round_index, kind, rank, 0, n, dtype))
+            parts.append(payload.reshape(-1, width))
+        return torch.cat(parts).to(local.device)
+
+    def gather_values(self, values: torch.Tensor, round_index: int) -> torch.Tensor | None:
+        return self._gather(values.double(), self.VALUES, round_index)
+
+    def gather_adapters(self, flat: torch.Tensor, round_index: int) -> torch.Tensor | None:
+        gathered = self._gather(flat, self.ADAPTERS, round_index)
+        return None if gathered is None else gathered.to(flat.device)

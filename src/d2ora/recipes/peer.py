@@ -1,0 +1,170 @@
+"""``d2ora peer``: one process of a decentralized run under torchrun.
+
+Every process loads the same config, derives the same seeded partition, and hosts a contiguous
+block of peers (:func:`~d2ora.engine.host.peer_block`); rounds run through the same
+:class:`~d2ora.engine.loop.RoundLoop` as ``d2ora simulate``, with adapters moving between processes
+by torch.distributed point-to-point messages. Process 0 hosts peer 0 and the consensus monitor,
+and writes the report, the consensus adapter and the merged model; every process writes its own
+peers' adapters and checkpoints into the same run-folder layout as ``simulate``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from d2ora import atomic
+from d2ora.config_io import to_yaml
+from d2ora.distributed.exchange import DistributedCollector, DistributedExchange
+from d2ora.distributed.group import DistributedSetupError, Group, agree, note_failure, start, stop
+from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
+from d2ora.engine.exchange import Routes
+from d2ora.engine.host import peer_block
+from d2ora.engine.loop import LoopState, RoundLoop
+from d2ora.engine.metrics_log import MetricsLog
+from d2ora.engine.monitor import ConsensusMonitor
+from d2ora.engine.tensorboard_log import TensorBoardLog
+from d2ora.recipes.console_view import ConsoleView
+from d2ora.recipes.session import (
+    build_network,
+    open_session,
+    remove_stale_outputs,
+    save_consensus,
+    save_peer_adapters,
+    wire_dtype,
+)
+from d2ora.recipes.simulate import CONFIG_FILE, SUMMARY_FILE, describe_setup, run_summary
+from d2ora.recipes.simulate_config import SimulateConfig
+from d2ora.runtime_support import seed_everything
+
+
+def restarted() -> bool:
+    """torchrun restarted this job after a failure (``--max-restarts``): continue, do not start over."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def _agreed_resume_round(group: Group, checkpointer: Checkpointer) -> int | None:
+    """The newest round every process holds a valid checkpoint of (None when some process has none)."""
+    mine = checkpointer.latest_valid()
+    value = torch.tensor([-1 if mine is None else mine], dtype=torch.int64,
+                         device=group.device if group.backend == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    agreed = int(value.item())
+    if agreed < 0:
+        return None
+    if mine is not None and agreed < mine:
+        # Another process is behind (it died between two checkpoints): everyone goes back to its round.
+        agreed = checkpointer.latest_valid(at_most=agreed) or agreed
+    return agreed
+
+
+def run_peer(config: SimulateConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any] | None:
+    """This process's part of the run; process 0 returns summary.json's content, the others None."""
+    console = console or Console()
+    group = start(config.timeout_s, config.device)
+    try:
+        return _run(config, console, group, resume or restarted())
+    except BaseException as exc:
+        note_failure(group, f"process {group.rank}: {exc}")
+        raise
+    finally:
+        stop(group)
+
+
+def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -> dict[str, Any] | None:
+    from d2ora.report import results_table, write_run_report
+
+    started = time.perf_counter()
+    agree(group, "config", config.result_config())
+    if config.centralized and group.world_size > 1:
+        raise DistributedSetupError("mode centralized trains one peer: run it with one process")
+    seed_everything(config.seed)
+    output_dir = atomic.ensure_writable_dir(config.output_dir)
+    build_network(config, [1] * config.peers)
+    rank, world = group.rank, group.world_size
+    session = open_session(config, group.device, lambda peers: peer_block(peers, world, rank))
+    agree(group, "adapter layout (model, targets, rank)", session.host.layout.describe())
+    host, network, peers = session.host, session.network, session.peers
+    blocks = [peer_block(peers, world, r) for r in range(world)]
+
+    def owner(peer: int) -> int:
+        return next(r for r, block in enumerate(blocks) if peer in block)
+
+    quiet = Console(quiet=True)
+    shown = console if group.is_root else quiet
+    describe_setup(session, shown)
+    shown.print(f"{world} processes ({group.backend}), this one hosting peers {host.peer_ids.start}..{host.peer_ids.stop - 1}")
+    metric = session.data.task.metric
+    checkpointer = Checkpointer(rank_dir(output_dir, rank), host, config.result_config(), every=config.checkpoint_every,
+                                keep=config.keep_checkpoints, warn=console.print)
+    state, rows = LoopState(), []
+    round_to_resume = _agreed_resume_round(group, checkpointer) if resume else None
+    if round_to_resume is not None:
+        restored = checkpointer.restore(round_to_resume)
+        state, rows = restored.state, [r for r in restored.rows if r["round"] <= round_to_resume]
+        shown.print(f"resuming after round {round_to_resume}")
+    elif resume and not restarted():
+        raise CheckpointError(f"nothing to resume: not every process has a valid checkpoint under {output_dir / 'checkpoints'}")
+    else:
+        shutil.rmtree(checkpointer.directory, ignore_errors=True)
+    listeners: list[Any] = []
+    log = board = None
+    if group.is_root:
+        atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
+        log = MetricsLog(output_dir, metric, rows)
+        listeners.append(log)
+        if config.tensorboard:
+            board = TensorBoardLog(output_dir, metric, purge_after=state.round if round_to_resume is not None else None)
+            listeners.append(board)
+    view = ConsoleView(shown, metric, config.rounds, config.local_steps, start_round=state.round)
+    listeners.append(view)
+
+    def checkpoint(loop_state: LoopState) -> None:
+        if checkpointer.due(loop_state.round, config.rounds):
+            checkpointer.save(loop_state, log.rows if log is not None else None)
+
+    exchange = DistributedExchange(Routes(network.weights), host.peer_ids, owner, group, host.layout.numel,
+                                   host.layout.dtype, wire_dtype(config))
+    loop = RoundLoop(
+        host, exchange, DistributedCollector(group, blocks, peers), network.plan(config),
+        rounds=config.rounds, eval_every=config.eval_every, eval_peers=config.eval_peers,
+        test_batches=session.test_batches, val_batches=session.val_batches,
+        monitor=ConsensusMonitor(host, network.mixer, session.test_batches) if group.is_root else None,
+        peers=peers, listeners=listeners, checkpoint=checkpoint, on_step=view.on_step,
+    )
+    try:
+        with view:
+            state = loop.run(state)
+    finally:
+        if board is not None:
+            board.close()
+
+    saved_adapters = save_peer_adapters(session, output_dir)
+    if not group.is_root:
+        return None
+    remove_stale_outputs(config, output_dir, peers)
+    saved: dict[str, Any] = {"adapters": [f"adapters/peer-{k}" for k in range(peers)] if config.save_adapters else saved_adapters,
+                             **save_consensus(session, output_dir, state.consensus)}
+    summary = run_summary(session, log.rows, time.perf_counter() - started, saved, processes=world, backend=group.backend)
+    atomic.write_json(output_dir / SUMMARY_FILE, summary)
+    report_path = write_run_report(output_dir, summary, log.rows)
+    console.print(results_table(summary, log.rows))
+    console.print(f"report: {report_path} ({summary['runtime_s']:.0f} s)")
+    return summary
+
+
+def torchrun_command(procs: int, args: list[str], max_restarts: int = 0) -> list[str]:
+    """The torchrun command line that starts ``procs`` peers on this machine (loopback rendezvous)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+            f"--max-restarts={max_restarts}", "-m", "d2ora", "peer", *args]
+
+
+__all__ = ["run_peer", "torchrun_command", "restarted"]

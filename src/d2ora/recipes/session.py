@@ -1,0 +1,238 @@
+"""What one process of a run sets up, the same for ``d2ora simulate`` and ``d2ora peer``: the data
+and its seeded partition, the model with its stacked adapters for the peers this process hosts,
+the network (mixer, mixing weights, gossip steps) and the :class:`~d2ora.engine.host.PeerHost`.
+
+Every process loads the same data and derives the same partition from the seed, then keeps the
+shards of its own block of peers; the adapters start equal everywhere (seeded init).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from d2ora import topology as topo
+from d2ora.data.partition import PartitionError, partition, split_local
+from d2ora.data.sources import DataSourceError, load_source, split_indices, subsample
+from d2ora.data.tasks import CLASS_LABELS, Batch, Task, make_task
+from d2ora.dora.attach import AttachReport, attach
+from d2ora.dora.files import merge_and_save, save_adapter
+from d2ora.engine.exchange import WIRE_DTYPES
+from d2ora.engine.host import PeerHost
+from d2ora.engine.local_steps import LocalTrainer
+from d2ora.engine.peers import PeerModel
+from d2ora.engine.round import RoundPlan
+from d2ora.mixers import FedAvgMixer, LocalMixer, Mixer, make_mixer
+from d2ora.models import LoadedModel, head_modules, load_model
+from d2ora.recipes.simulate_config import SimulateConfig
+from d2ora.runtime_support import quiet_datasets
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class PeerData:
+    """Tokenised examples and who holds which: shards index into ``train_rows``."""
+
+    task: Task
+    train_rows: list[dict[str, Any]]
+    train_shards: list[np.ndarray]
+    val_shards: list[np.ndarray]
+    test: Dataset
+    labels: np.ndarray | None
+    n_classes: int | None
+    class_names: list[str] | None
+
+
+def _labels_of(tokenised: Dataset) -> tuple[np.ndarray | None, list[str] | None]:
+    for column in ("labels", CLASS_LABELS):
+        if column in tokenised.column_names:
+            feature = tokenised.features[column]
+            return np.asarray(tokenised[column], dtype=np.int64), list(getattr(feature, "names", []) or []) or None
+    return None, None
+
+
+def prepare_peer_data(config: SimulateConfig, load_model_for: Callable[[Task], LoadedModel]) -> tuple[PeerData, LoadedModel]:
+    """Split, tokenise and partition; returns the data and the loaded model bundle.
+
+    ``load_model_for(task)`` loads the model (its tokenizer is needed to tokenise, and a
+    classification head needs the task's label names)."""
+    classify = config.task == "classification"
+    raw = load_source(
+        config.data, text_column=config.text_column,
+        label_column=config.label_column if classify or config.partition != "iid" else None,
+        split=config.data_split,
+    )
+    stratify = "labels" in raw.column_names
+    idx = split_indices(raw, 0.0, config.test_fraction, config.seed, stratify=stratify)
+    pool = subsample(raw.select(idx["train"]), config.max_train_samples, config.seed, stratify=stratify)
+    test = subsample(raw.select(idx["test"]), config.max_test_samples, config.seed, stratify=stratify)
+    task = make_task(config.task, pool)
+    loaded = load_model_for(task)
+    pool_tok = task.tokenize(pool, loaded.tokenizer, config.max_length)
+    test_tok = task.tokenize(test, loaded.tokenizer, config.max_length)
+    if len(pool_tok) == 0 or len(test_tok) == 0:
+        raise DataSourceError("the data leaves no training or no test examples after splitting and tokenising")
+    labels, class_names = _labels_of(pool_tok)
+    if labels is None:
+        if config.partition != "iid":
+            raise PartitionError(f"partition '{config.partition}' needs class labels and the data has none; use partition=iid")
+        labels = np.zeros(len(pool_tok), dtype=np.int64)
+    shards = partition(labels, config.peers, config.partition, config.seed, **config.partition_params())
+    split = [split_local(shard, config.local_val_fraction, config.seed + k) for k, shard in enumerate(shards)]
+    train_shards = [s[0] for s in split]
+    val_shards = [s[1] for s in split]
+    if config.centralized:  # one peer holding everybody's data
+        train_shards = [np.sort(np.concatenate(train_shards))]
+        val_shards = [np.sort(np.concatenate(val_shards))]
+    n_classes = len(class_names) if class_names else (int(labels.max()) + 1 if labels.size else None)
+    data = PeerData(
+        task=task, train_rows=pool_tok.to_list(), train_shards=train_shards, val_shards=val_shards,
+        test=test_tok, labels=labels if class_names else None, n_classes=n_classes, class_names=class_names,
+    )
+    return data, loaded
+
+
+# ------------------------------------------------------------------------------------- the graph
+@dataclass
+class Network:
+    """The mixer, the mixing weights (row i: peer i's), gossip steps per round, and a description."""
+
+    mixer: Mixer
+    weights: torch.Tensor  # (P, P) float32
+    mixing_steps: int  # 0: nothing is sent
+    description: str
+    spectral_gap: float
+
+    def plan(self, config: SimulateConfig) -> RoundPlan:
+        return RoundPlan(mixer=self.mixer, weights=self.weights, local_steps=config.local_steps,
+                         mixing_steps=self.mixing_steps, sequential=config.sequential)
+
+
+def build_network(config: SimulateConfig, shard_sizes: list[int]) -> Network:
+    peers = len(shard_sizes)
+    if config.centralized:
+        return Network(LocalMixer(), torch.ones(1, 1), 0, "centralized: 1 peer on the pooled data", 1.0)
+    if config.mixer == "fedavg":
+        # The server is a coordinator outside the P data holders; FedAvg weighs peers by data size.
+        # One mix is exact (repeating it would only resend the average).
+        weights = torch.as_tensor(topo.fedavg_weights(shard_sizes), dtype=torch.float32)
+        line = (f"fedavg: every peer receives all {peers} adapters and takes the server's average "
+                "(weighted by shard size; no server process)")
+        return Network(FedAvgMixer(), weights, 1, line, 1.0)
+    graph = topo.build_topology(config.topology, peers, **config.topology_params)
+    w = topo.mixing_matrix(graph, config.mixing)
+    summary = topo.summarize(graph, w)
+    line = f"{summary}, {config.mixing} weights".removeprefix("topology ")
+    mixer = make_mixer(config.mixer)
+    if isinstance(mixer, LocalMixer):  # no communication: each peer's neighbourhood is itself
+        return Network(mixer, torch.eye(peers), 0, line + " (unused: local training)", summary.spectral_gap)
+    return Network(mixer, torch.as_tensor(w, dtype=torch.float32), config.mixing_steps, line, summary.spectral_gap)
+
+
+def wire_dtype(config: SimulateConfig) -> torch.dtype | None:
+    return WIRE_DTYPES[config.wire_dtype]
+
+
+# ---------------------------------------------------------------------------------- the session
+def collated(rows: list[dict[str, Any]], collate: Any, size: int) -> list[Batch]:
+    return [collate(rows[i : i + size]) for i in range(0, len(rows), size)]
+
+
+@dataclass
+class Session:
+    """One process's part of a run."""
+
+    config: SimulateConfig
+    data: PeerData
+    loaded: LoadedModel
+    attach_report: AttachReport
+    network: Network
+    host: PeerHost
+    device: torch.device
+    test_batches: list[Batch]
+    val_batches: list[list[Batch]]  # per hosted peer
+
+    @property
+    def peers(self) -> int:
+        return len(self.data.train_shards)
+
+
+def open_session(config: SimulateConfig, device: torch.device, block: Callable[[int], range]) -> Session:
+    """Load data and model, attach and stack the adapters of the peers ``block(P)`` this process hosts."""
+
+    def load(task: Task) -> LoadedModel:
+        return load_model(config.model_name, config.task, label_names=getattr(task, "label_names", None), seed=config.seed)
+
+    with quiet_datasets():
+        data, loaded = prepare_peer_data(config, load)
+    task = data.task
+    saved_modules = config.modules_to_save
+    if saved_modules is None:
+        saved_modules = head_modules(loaded) if config.task == "classification" else []
+    report = attach(loaded.model, config.dora_config(saved_modules))
+    peers = len(data.train_shards)
+    hosted = block(peers)
+    peer_model = PeerModel(loaded.model, len(hosted))
+    loaded.model.to(device)
+    network = build_network(config, [len(s) for s in data.train_shards])
+    collate = task.collator(loaded.tokenizer)
+    trainer = LocalTrainer(
+        peer_model, task, collate, lr=config.lr, total_steps=config.total_steps,
+        weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
+        group_size=min(config.group_size(device), len(hosted)), base_dropout=config.base_dropout, device=device,
+    )
+    host = PeerHost(
+        hosted, peer_model, trainer, data.train_rows, [data.train_shards[k] for k in hosted], task, collate, device,
+        batch_size=config.peer_batch_size, seed=config.seed, align_examples=config.dimat_examples,
+        align_max_tokens=config.dimat_max_tokens,
+    )
+    test_batches = collated(data.test.to_list(), collate, config.eval_batch_size)
+    val_batches = [collated([data.train_rows[i] for i in data.val_shards[k]], collate, config.eval_batch_size) for k in hosted]
+    return Session(config, data, loaded, report, network, host, device, test_batches, val_batches)
+
+
+# ------------------------------------------------------------------------------------- outputs
+def remove_stale_outputs(config: SimulateConfig, output_dir: Path, peers: int) -> None:
+    """A re-run into the same folder must not leave an earlier run's files looking like this one's."""
+    for old in (output_dir / "adapters").glob("peer-*"):
+        index = old.name.removeprefix("peer-")
+        if old.is_dir() and index.isdigit() and (not config.save_adapters or int(index) >= peers):
+            shutil.rmtree(old)
+    if not config.save_merged:
+        shutil.rmtree(output_dir / "consensus" / "merged", ignore_errors=True)
+
+
+def save_peer_adapters(session: Session, output_dir: Path) -> list[str]:
+    """Every hosted peer's adapter in PEFT format (``adapters/peer-<k>``, k global)."""
+    if not session.config.save_adapters:
+        return []
+    host, base, task = session.host, session.loaded.source.portable_name, session.data.task
+    saved = []
+    for k in host.peer_ids:
+        with host.peer_model.peer_view(host.local(k)) as view:
+            save_adapter(view, output_dir / "adapters" / f"peer-{k}", base_model_name_or_path=base, task_type=task.peft_task_type)
+        saved.append(f"adapters/peer-{k}")
+    return saved
+
+
+def save_consensus(session: Session, output_dir: Path, consensus: torch.Tensor | None) -> dict[str, str | None]:
+    """The consensus adapter (the one last scored) and its merged dense model, from peer 0's host."""
+    host, base, task = session.host, session.loaded.source.portable_name, session.data.task
+    saved: dict[str, str | None] = {"consensus_adapter": None, "merged_model": None}
+    slot = host.local(0)
+    holding = host.peer_model.holding(slot, consensus) if consensus is not None else contextlib.nullcontext()
+    with holding, host.peer_model.peer_view(slot) as view:
+        save_adapter(view, output_dir / "consensus" / "adapter", base_model_name_or_path=base, task_type=task.peft_task_type)
+        saved["consensus_adapter"] = "consensus/adapter"
+        if session.config.save_merged:
+            merge_and_save(view, output_dir / "consensus" / "merged", tokenizer=session.loaded.tokenizer)
+            saved["merged_model"] = "consensus/merged"
+    return saved

@@ -1,0 +1,47 @@
+"""Reports of decentralized runs: Markdown, CSV, PNG plots and rich tables from per-round metrics.
+
+Inputs are plain dicts as loaded from JSON: ``rows`` are the lines of ``metrics.jsonl`` (round 0 is
+before any training) and ``summary`` is the run's summary dict. Optional per-round fields (peer and
+consensus evaluations, validation, consensus distances) may be ``null`` in rows that were not
+evaluated; tables list only evaluated rounds and each plot uses only the rows that have its field.
+
+Modules, one job each: :mod:`~d2ora.report.rows` reads numbers out of rows and summaries,
+:mod:`~d2ora.report.formatting` writes them, :mod:`~d2ora.report.tables` builds the tables (and
+their rich renderings), :mod:`~d2ora.report.markdown` the text files, :mod:`~d2ora.report.plots`
+the PNGs, and :mod:`~d2ora.report.writers` writes a report folder (plots first, Markdown last,
+every file atomically).
+"""
+
+from d2ora.report.formatting import fmt_metric
+from d2ora.report.layout import (
+    COMPARE_CSV_NAME,
+    COMPARE_NAME,
+    COMPARE_PLOTS,
+    PLOTS_DIR,
+    REPORT_NAME,
+    RUN_PLOTS,
+)
+from d2ora.report.markdown import CSV_COLUMNS
+from d2ora.report.rows import Row, Run, Summary
+from d2ora.report.tables import RunFinal, compare_table, results_table, run_final
+from d2ora.report.writers import write_compare_report, write_run_report
+
+__all__ = [
+    "COMPARE_CSV_NAME",
+    "COMPARE_NAME",
+    "COMPARE_PLOTS",
+    "CSV_COLUMNS",
+    "PLOTS_DIR",
+    "REPORT_NAME",
+    "RUN_PLOTS",
+    "Row",
+    "Run",
+    "RunFinal",
+    "Summary",
+    "compare_table",
+    "fmt_metric",
+    "results_table",
+    "run_final",
+    "write_compare_report",
+    "write_run_report",
+]
