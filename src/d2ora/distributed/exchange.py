@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from d2ora.distributed import wire
-from d2ora.distributed.group import Group, first_failure, note_failure
+from d2ora.distributed.group import Group, explain_timeout
 from d2ora.engine.exchange import Inbox, Routes, wire_round_trip
 
 
@@ -23,17 +23,15 @@ class PeerSilentError(RuntimeError):
     """A neighbour's message did not arrive in time (or its process is gone)."""
 
 
-def _wait(works: Sequence[dist.Work], describe: Callable[[int], str], group: Group) -> None:
+def _wait(works: Sequence[dist.Work], describe: Callable[[int], str], group: Group, round_index: int) -> None:
     """Wait for every operation; the first that fails or times out stops the job with one line."""
     for index, work in enumerate(works):
         try:
             work.wait(group.timeout)
-        except RuntimeError as exc:
-            mine = f"{describe(index)} within {group.timeout.total_seconds():g} s ({type(exc).__name__})"
-            # Our wait may be a symptom of another process's failure: report theirs when there is one.
-            cause = first_failure(group)
-            note_failure(group, mine)
-            raise PeerSilentError(cause or mine) from None
+        except RuntimeError:
+            mine = f"{describe(index)} within {group.timeout.total_seconds():g} s"
+            # Our wait may be a symptom (a neighbour stuck on a third process): name the silent one.
+            raise PeerSilentError(explain_timeout(group, mine, round_index)) from None
 
 
 class DistributedExchange:
@@ -93,7 +91,7 @@ class DistributedExchange:
                     return f"peer {i} (process {self.owner(i)}) did not take peer {j}'s round {round_index} message (gossip step {step})"
                 return f"peer {j} (process {self.owner(j)}) sent peer {i} nothing for round {round_index} (gossip step {step})"
 
-            _wait(works, describe, self.group)
+            _wait(works, describe, self.group, round_index)
         for (j, i), buffer in receives:
             payload = wire.decode(buffer, self._header(j, i, round_index, step))
             inbox.messages[(j, i)] = payload.to(device=outgoing.device, dtype=self.layout_dtype)
@@ -123,7 +121,7 @@ class DistributedCollector:
         if not group.is_root:
             header = wire.Header(round_index, kind, group.rank, 0, local.numel(), dtype)
             work = dist.isend(wire.encode(header, local.reshape(-1)), 0, tag=self._tag(kind, group.rank))
-            _wait([work], lambda _: f"process 0 (peer 0) did not collect round {round_index}'s results from process {group.rank}", group)
+            _wait([work], lambda _: f"process 0 did not collect round {round_index}'s results from process {group.rank}", group, round_index)
             return None
         parts = [local]
         works, buffers = [], []
@@ -139,7 +137,7 @@ class DistributedCollector:
             return (f"peers {blocks[rank].start}..{blocks[rank].stop - 1} (process {rank}) sent no results "
                     f"for round {round_index}")
 
-        _wait(works, describe, group)
+        _wait(works, describe, group, round_index)
         for rank, n, buffer in buffers:
             payload = wire.decode(buffer, wire.Header(round_index, kind, rank, 0, n, dtype))
             parts.append(payload.reshape(-1, width))

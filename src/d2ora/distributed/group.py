@@ -5,9 +5,11 @@ MASTER_PORT). gloo on CPU; NCCL when the device is a GPU. Agreement checks (:fun
 compare SHA-256 digests as tensors and, on a mismatch, exchange the JSON text as raw bytes to name
 what differs: no object collective, nothing pickled.
 
-Failures: a process that gives up (a silent neighbour, a diverged peer) writes one line into the
-rendezvous store before it exits, so the others, whose own waits then fail too, can report the
-first cause instead of their own symptom.
+Failures: when a wait fails, the process that waited may only see a symptom (its neighbour is
+itself stuck waiting for a third one). Every process therefore beats a counter in the rendezvous
+store once a second from a background thread; a failed wait looks for the processes whose
+counters stopped and names them. A process that fails for another reason (a diverged peer) writes
+its line into the store, and the others report that line instead of their own symptom.
 """
 
 from __future__ import annotations
@@ -15,14 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 FAILURE_KEY = "failure"
+HEARTBEAT_S = 1.0
 
 
 class DistributedSetupError(RuntimeError):
@@ -38,6 +43,9 @@ class Group:
     device: torch.device
     timeout: timedelta
     store: dist.Store
+    #: Names a process in messages; the recipe sets it once it knows which peers each one hosts.
+    describe: Callable[[int], str] = field(default=lambda rank: f"process {rank}")
+    _stop_beat: threading.Event = field(default_factory=threading.Event)
 
     @property
     def is_root(self) -> bool:
@@ -70,15 +78,45 @@ def start(timeout_s: float, device_name: str = "auto") -> Group:
     # The public env:// rendezvous gives the same store torchrun's workers use; keeping a handle on
     # it lets a failing process leave its reason for the others.
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    # torchrun keeps one store across --max-restarts attempts: a restarted job must not read the
+    # failed attempt's keys (gloo would connect to the dead processes' addresses).
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    prefix = dist.PrefixStore(f"d2ora/attempt-{attempt}/", store)
-    return Group(rank, world_size, local_rank, backend, device, timeout, prefix)
+    prefix = f"d2ora/attempt-{attempt}/"
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix + "pg/", store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+    group = Group(rank, world_size, local_rank, backend, device, timeout, dist.PrefixStore(prefix, store))
+    # Its own store connection: the beat thread must never interleave with the main thread's calls.
+    beat_store = dist.PrefixStore(prefix, dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                                        is_master=False, timeout=timeout))
+    threading.Thread(target=_beat, args=(beat_store, rank, group._stop_beat), daemon=True, name="d2ora-heartbeat").start()
+    return group
+
+
+def _beat(store: dist.Store, rank: int, stop_event: threading.Event) -> None:
+    while not stop_event.is_set():
+        try:
+            store.add(f"beat/{rank}", 1)
+        except Exception:  # noqa: BLE001 - the job is ending; a missing beat is what it would report anyway
+            return
+        stop_event.wait(HEARTBEAT_S)
 
 
 def stop(group: Group | None) -> None:
-    if group is not None and dist.is_initialized():
-        dist.destroy_process_group()
+    if group is not None:
+        group._stop_beat.set()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def silent_processes(group: Group, watch_s: float = 2.5 * HEARTBEAT_S) -> list[int]:
+    """Processes whose heartbeat did not move for ``watch_s`` (stopped, hung or gone)."""
+    try:
+        before = [group.store.add(f"beat/{r}", 0) for r in range(group.world_size)]
+        time.sleep(watch_s)
+        after = [group.store.add(f"beat/{r}", 0) for r in range(group.world_size)]
+    except Exception:  # noqa: BLE001 - store gone: nothing can be said
+        return []
+    return [r for r in range(group.world_size) if r != group.rank and after[r] == before[r]]
 
 
 def note_failure(group: Group, message: str) -> None:
@@ -89,18 +127,28 @@ def note_failure(group: Group, message: str) -> None:
         pass
 
 
-def first_failure(group: Group, wait_s: float = 2.0) -> str | None:
-    """The line some process left, waiting briefly for one (its own error may be a moment late)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            if group.store.check([FAILURE_KEY]):
-                return group.store.get(FAILURE_KEY).decode()
-        except Exception:  # noqa: BLE001 - store unreachable: nothing to report
-            return None
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.1)
+def first_failure(group: Group) -> str | None:
+    """The line a failing process left in the store, if any."""
+    try:
+        if group.store.check([FAILURE_KEY]):
+            return group.store.get(FAILURE_KEY).decode()
+    except Exception:  # noqa: BLE001 - store unreachable: nothing to report
+        return None
+    return None
+
+
+def explain_timeout(group: Group, mine: str, round_index: int) -> str:
+    """The line to stop with after a failed wait: another process's failure, else the silent
+    processes, else what this one waited for."""
+    cause = first_failure(group)
+    if cause is None:
+        silent = silent_processes(group)
+        if silent:
+            names = ", ".join(group.describe(r) for r in silent)
+            cause = f"{names} stopped answering in round {round_index} ({mine})"
+    cause = cause or mine
+    note_failure(group, cause)
+    return cause
 
 
 def _digest_words(text: str) -> torch.Tensor:

@@ -96,6 +96,12 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     def owner(peer: int) -> int:
         return next(r for r, block in enumerate(blocks) if peer in block)
 
+    def describe(r: int) -> str:
+        block = blocks[r]
+        return f"process {r} (peer{'s' if len(block) > 1 else ''} {block.start}{f'..{block.stop - 1}' if len(block) > 1 else ''})"
+
+    group.describe = describe
+
     quiet = Console(quiet=True)
     shown = console if group.is_root else quiet
     describe_setup(session, shown)
