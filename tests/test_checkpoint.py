@@ -54,6 +54,7 @@ def rows_without_time(out: Path) -> list[dict]:
     rows = read_rows(out)
     for row in rows:
         row.pop("wall_time_s")
+        row.pop("round_seconds", None)
     return rows
 
 

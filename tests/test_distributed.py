@@ -143,6 +143,14 @@ def test_processes_end_with_the_simulators_adapters_and_metrics(tiny_bert_dir: s
     assert summary["message_bytes"] == simulated["message_bytes"]
     if changes.get("wire_dtype") == "bf16":  # half the bytes of the fp32 adapter
         assert summary["message_bytes"] * 2 == 4 * summary["trainable_params_per_peer"]
+    # Bytes on the wire: every message that crosses processes carries the payload and one header.
+    blocks = [range(k * data["peers"] // procs, (k + 1) * data["peers"] // procs) for k in range(procs)]
+    owner = {peer: k for k, block in enumerate(blocks) for peer in block}
+    crossing = sum(owner[p] != owner[(p + d) % data["peers"]] for p in range(data["peers"]) for d in (-1, 1))
+    row = read_rows(out)[1]
+    # 64 header bytes per message: 0.6-1.2% of these toy 5-10 kB adapters, 0.005% of MiniLM r=8's
+    # 1.4 MB (benchmarks/distributed_round.py measures the real ratio).
+    assert row["wire_bytes"] == crossing * (summary["message_bytes"] + 64)
 
 
 def test_processes_with_different_configs_refuse_to_start(tiny_bert_dir: str, tmp_path: Path) -> None:

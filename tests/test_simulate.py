@@ -94,12 +94,29 @@ def test_merged_consensus_model_equals_consensus_adapter(decaf_run) -> None:
     assert relative_error(_logits(merged, TEXTS), _logits(adapted.eval(), TEXTS)) < 1e-4
 
 
+def test_tensorboard_events_hold_the_logged_rounds(decaf_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = decaf_run
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = read_rows(out)
+    consensus = events.Scalars("test/consensus_accuracy")
+    assert [e.step for e in consensus] == [r["round"] for r in rows]
+    assert all(abs(e.value - r["consensus_test"]["accuracy"]) < 1e-6 for e, r in zip(consensus, rows))
+    peer1 = events.Scalars("peers/train_loss/peer-1")  # per-peer scalars, grouped
+    assert [e.step for e in peer1] == [1, 2] and abs(peer1[-1].value - rows[-1]["train_loss"][1]) < 1e-6
+    assert events.Scalars("bytes/sent_total")[-1].value == rows[-1]["bytes_sent_total"]
+    assert {"consensus_distance/product", "test/mean_peer_accuracy"} <= set(events.Tags()["scalars"])
+
+
 def test_seeded_run_repeats_exactly(decaf_run, tmp_path: Path) -> None:
     out, _ = decaf_run
     again = tmp_path / "again"
     simulate(tiny_config(again, mixer="decaf"))
     for a, b in zip(read_rows(out), read_rows(again), strict=True):
-        a.pop("wall_time_s"), b.pop("wall_time_s")
+        for row in (a, b):
+            row.pop("wall_time_s"), row.pop("round_seconds", None)
         assert a == b
     # Tensors bit for bit (the file bytes may not be: safetensors orders header metadata freely).
     first = load_file(out / "adapters" / "peer-2" / "adapter_model.safetensors")

@@ -26,6 +26,10 @@ from d2ora.engine.records import Evaluation, RoundListener, RoundRecord
 from d2ora.engine.round import HostRound, RoundPlan, run_round
 
 
+#: The parts of a round's time each process reports (the record keeps the slowest process's).
+SECONDS = ("local", "exchange", "mix")
+
+
 class Collector(Protocol):
     """Brings every host's per-peer values to the monitor's process (None elsewhere)."""
 
@@ -161,8 +165,12 @@ class RoundLoop:
             step_hook = None if self.on_step is None else (lambda losses, _r=rnd: self.on_step(_r, losses))
             done = run_round(self.host, self.exchange, self.plan, rnd, on_step=step_hook)
             self.last_round = done
+            hosted = len(done.samples)
+            timing = [torch.full((hosted,), done.seconds[k], dtype=torch.float64) for k in SECONDS]
+            wire = torch.zeros(hosted, dtype=torch.float64)
+            wire[0] = done.wire_bytes  # once per process
             values = torch.stack([done.train_loss.double(), torch.tensor(done.payload_bytes, dtype=torch.float64),
-                                  torch.tensor(done.samples, dtype=torch.float64)], dim=1)
+                                  torch.tensor(done.samples, dtype=torch.float64), *timing, wire], dim=1)
             gathered = self.collector.gather_values(values, rnd)
             evaluation = self.evaluate(rnd) if rnd % self.eval_every == 0 or rnd == self.rounds else None
             state.round = rnd
@@ -172,9 +180,10 @@ class RoundLoop:
                 state.bytes_total += sum(sent)
                 state.elapsed_s = time.perf_counter() - started
                 state.consensus = self.consensus
+                seconds = {k: float(gathered[:, 3 + i].max()) for i, k in enumerate(SECONDS)}
                 record = RoundRecord(round=rnd, samples_seen=state.samples_seen, train_loss=gathered[:, 0].tolist(),
                                      bytes_sent=sent, bytes_sent_total=state.bytes_total, wall_time_s=state.elapsed_s,
-                                     evaluation=evaluation)
+                                     evaluation=evaluation, seconds=seconds, wire_bytes=int(gathered[:, 3 + len(SECONDS)].sum()))
                 self._publish(record)
             if self.checkpoint is not None:
                 self.checkpoint(state)

@@ -25,6 +25,10 @@ def flatten(row: dict[str, Any], metric: str) -> dict[str, Any]:
         "wall_time_s": round(row["wall_time_s"], 3),
         "bytes_sent_total": row["bytes_sent_total"],
     }
+    if "wire_bytes" in row:
+        flat["wire_bytes"] = row["wire_bytes"]
+    for key, value in (row.get("round_seconds") or {}).items():
+        flat[f"seconds_{key}"] = round(value, 4)
     for key, value in (row.get("consensus_distance") or {}).items():
         flat[f"consensus_distance_{key}"] = value
     consensus = row.get("consensus_test") or {}

@@ -57,6 +57,10 @@ class RoundRecord:
     bytes_sent_total: int  # all peers, all rounds so far
     wall_time_s: float = 0.0
     evaluation: Evaluation | None = None
+    #: The slowest process's seconds in local steps, exchange (sending, receiving, waiting) and mixing.
+    seconds: dict[str, float] | None = None
+    #: Bytes put on the wire between processes (payload + headers); 0 in one process.
+    wire_bytes: int = 0
 
     @property
     def peers(self) -> int:
@@ -67,6 +71,9 @@ class RoundRecord:
             "round": self.round, "samples_seen": self.samples_seen, "wall_time_s": self.wall_time_s,
             "train_loss": self.train_loss, "bytes_sent": self.bytes_sent, "bytes_sent_total": self.bytes_sent_total,
         }
+        if self.seconds is not None:
+            row["round_seconds"] = self.seconds
+            row["wire_bytes"] = self.wire_bytes
         if self.evaluation is not None:
             row.update(self.evaluation.to_row())
         return row
@@ -76,7 +83,8 @@ class RoundRecord:
         evaluation = Evaluation.from_row(row, metric) if "consensus_test" in row else None
         return cls(round=row["round"], samples_seen=row["samples_seen"], train_loss=row["train_loss"],
                    bytes_sent=row["bytes_sent"], bytes_sent_total=row["bytes_sent_total"],
-                   wall_time_s=row.get("wall_time_s", 0.0), evaluation=evaluation)
+                   wall_time_s=row.get("wall_time_s", 0.0), evaluation=evaluation,
+                   seconds=row.get("round_seconds"), wire_bytes=row.get("wire_bytes", 0))
 
 
 def clean(value: Any) -> Any:
