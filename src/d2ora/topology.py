@@ -226,8 +226,8 @@ def star(n: int) -> nx.Graph:
     value and takes only ``1/n`` from the server; ``W = I − L/n`` has eigenvalues
     ``1, 1 − 1/n (×(n−2)), 0``, so the spectral gap is ``1/n`` (slow). FedAvg instead does two hops
     per round — clients upload, the server averages the *clients only* and broadcasts — which is
-    the rank-one matrix of :func:`star_server_weights` (gap 1, not doubly stochastic). The FedAvg
-    mixer should read the server from ``graph.graph["server"]``.
+    the rank-one matrix of :func:`star_server_weights` (gap 1, not doubly stochastic); d2ora's
+    ``fedavg`` runs use it through :func:`fedavg_weights`.
     """
     n = _check_peers("star", n)
     return _graph(n, ((0, j) for j in range(1, n)), "star", f"star({n})", server=0)

@@ -176,16 +176,10 @@ class Checkpointer:
             raise CheckpointError(f"{tensor_path}: unreadable ({exc})") from None
         return meta, tensors
 
-    def available(self) -> list[int]:
-        """Rounds of the folders present (newest first), unverified."""
-        return [int(_ROUND_DIR.match(p.name).group(1)) for p in self._rounds()]
-
-    def latest_valid(self, at_most: int | None = None) -> int | None:
-        """The newest round whose folder verifies (and is at most ``at_most``); warns about newer broken ones."""
+    def latest_valid(self) -> int | None:
+        """The newest round whose folder verifies; warns about newer broken ones."""
         for folder in self._rounds():
             round_index = int(_ROUND_DIR.match(folder.name).group(1))
-            if at_most is not None and round_index > at_most:
-                continue
             try:
                 self._read(folder)
             except CheckpointError as exc:

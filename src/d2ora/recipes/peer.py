@@ -56,12 +56,9 @@ def _agreed_resume_round(group: Group, checkpointer: Checkpointer) -> int | None
                          device=group.device if group.backend == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     agreed = int(value.item())
-    if agreed < 0:
-        return None
-    if mine is not None and agreed < mine:
-        # Another process is behind (it died between two checkpoints): everyone goes back to its round.
-        agreed = checkpointer.latest_valid(at_most=agreed) or agreed
-    return agreed
+    # A process that is behind (it died between two checkpoints) takes everyone back to its round;
+    # keep_checkpoints >= 2 keeps that round everywhere, and restoring it checks it again.
+    return None if agreed < 0 else agreed
 
 
 def run_peer(config: SimulateConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any] | None:

@@ -19,6 +19,7 @@ number of steps: the same samples seen in all, the upper bound of every comparis
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from rich.console import Console
 from d2ora import atomic
 from d2ora.config_io import to_yaml
 from d2ora.data.partition import format_label_table, label_counts
-from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
+from d2ora.engine.checkpoint import CheckpointError, Checkpointer, config_differences, rank_dir
 from d2ora.engine.exchange import InMemoryExchange, Routes
 from d2ora.engine.loop import LocalCollector, LoopState, RoundLoop
 from d2ora.engine.metrics_log import MetricsLog
@@ -88,10 +89,22 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
 
 
 def check_resumable(config: SimulateConfig, output_dir: Path, rank: int = 0) -> None:
-    """Before anything loads: a resume needs checkpoints of this rank (their config is checked on load)."""
+    """Before anything loads: a resume needs checkpoints of this rank, written with the same
+    result-relevant config (checked again, with the tensors, when the checkpoint loads)."""
     directory = rank_dir(output_dir, rank)
-    if not directory.is_dir() or not any(directory.glob("round-*")):
+    newest = sorted(directory.glob("round-*/state.json")) if directory.is_dir() else []
+    if not newest:
         raise CheckpointError(f"nothing to resume in {output_dir}: no checkpoints under {directory}")
+    try:
+        saved = json.loads(newest[-1].read_text(encoding="utf-8")).get("config") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: the loader falls back to an older checkpoint or says what is wrong
+    differing = config_differences(saved, config.result_config())
+    if differing:
+        raise CheckpointError(
+            f"cannot resume {output_dir}: the config differs in {', '.join(differing)} "
+            "(only keys that cannot change results, such as eval_batch_size, may change)"
+        )
 
 
 def simulate(config: SimulateConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any]:
