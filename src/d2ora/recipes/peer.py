@@ -20,26 +20,14 @@ import torch.distributed as dist
 from rich.console import Console
 
 from d2ora import atomic
-from d2ora.config_io import to_yaml
 from d2ora.distributed.exchange import DistributedCollector, DistributedExchange
 from d2ora.distributed.group import DistributedSetupError, Group, agree, note_failure, start, stop
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
 from d2ora.engine.exchange import Routes
 from d2ora.engine.host import peer_block
-from d2ora.engine.loop import LoopState, RoundLoop
-from d2ora.engine.metrics_log import MetricsLog
-from d2ora.engine.monitor import ConsensusMonitor
-from d2ora.engine.tensorboard_log import TensorBoardLog
-from d2ora.recipes.console_view import ConsoleView
-from d2ora.recipes.session import (
-    build_network,
-    open_session,
-    remove_stale_outputs,
-    save_consensus,
-    save_peer_adapters,
-    wire_dtype,
-)
-from d2ora.recipes.simulate import CONFIG_FILE, SUMMARY_FILE, describe_setup, run_summary
+from d2ora.engine.loop import LoopState
+from d2ora.recipes.process_run import describe_setup, run_rounds_and_report
+from d2ora.recipes.session import build_network, open_session, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.runtime_support import seed_everything
 
@@ -75,8 +63,6 @@ def run_peer(config: SimulateConfig, console: Console | None = None, resume: boo
 
 
 def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -> dict[str, Any] | None:
-    from d2ora.report import results_table, write_run_report
-
     started = time.perf_counter()
     agree(group, "config", config.result_config())
     if config.centralized and group.world_size > 1:
@@ -95,15 +81,13 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
 
     def describe(r: int) -> str:
         block = blocks[r]
-        return f"process {r} (peer{'s' if len(block) > 1 else ''} {block.start}{f'..{block.stop - 1}' if len(block) > 1 else ''})"
+        hosted = f"peer {block.start}" if len(block) == 1 else f"peers {block.start}..{block.stop - 1}"
+        return f"process {r} ({hosted})"
 
     group.describe = describe
-
-    quiet = Console(quiet=True)
-    shown = console if group.is_root else quiet
+    shown = console if group.is_root else Console(quiet=True)  # one process speaks for the job
     describe_setup(session, shown)
-    shown.print(f"{world} processes ({group.backend}), this one hosting peers {host.peer_ids.start}..{host.peer_ids.stop - 1}")
-    metric = session.data.task.metric
+    shown.print(f"{world} processes ({group.backend}); process 0 hosts {describe(0).split('(')[1].rstrip(')')}")
     checkpointer = Checkpointer(rank_dir(output_dir, rank), host, config.result_config(), every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, warn=console.print)
     state, rows = LoopState(), []
@@ -116,50 +100,13 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         raise CheckpointError(f"nothing to resume: not every process has a valid checkpoint under {output_dir / 'checkpoints'}")
     else:
         shutil.rmtree(checkpointer.directory, ignore_errors=True)
-    listeners: list[Any] = []
-    log = board = None
-    if group.is_root:
-        atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
-        log = MetricsLog(output_dir, metric, rows)
-        listeners.append(log)
-        if config.tensorboard:
-            board = TensorBoardLog(output_dir, metric, purge_after=state.round if round_to_resume is not None else None)
-            listeners.append(board)
-    view = ConsoleView(shown, metric, config.rounds, config.local_steps, start_round=state.round)
-    listeners.append(view)
-
-    def checkpoint(loop_state: LoopState) -> None:
-        if checkpointer.due(loop_state.round, config.rounds):
-            checkpointer.save(loop_state, log.rows if log is not None else None)
-
     exchange = DistributedExchange(Routes(network.weights), host.peer_ids, owner, group, host.layout.numel,
                                    host.layout.dtype, wire_dtype(config))
-    loop = RoundLoop(
-        host, exchange, DistributedCollector(group, blocks, peers), network.plan(config),
-        rounds=config.rounds, eval_every=config.eval_every, eval_peers=config.eval_peers,
-        test_batches=session.test_batches, val_batches=session.val_batches,
-        monitor=ConsensusMonitor(host, network.mixer, session.test_batches) if group.is_root else None,
-        peers=peers, listeners=listeners, checkpoint=checkpoint, on_step=view.on_step,
+    return run_rounds_and_report(
+        session, output_dir, exchange=exchange, collector=DistributedCollector(group, blocks, peers),
+        checkpointer=checkpointer, state=state, rows=rows, resumed=round_to_resume is not None, console=shown,
+        started=started, processes=world, backend=group.backend,
     )
-    try:
-        with view:
-            state = loop.run(state)
-    finally:
-        if board is not None:
-            board.close()
-
-    saved_adapters = save_peer_adapters(session, output_dir)
-    if not group.is_root:
-        return None
-    remove_stale_outputs(config, output_dir, peers)
-    saved: dict[str, Any] = {"adapters": [f"adapters/peer-{k}" for k in range(peers)] if config.save_adapters else saved_adapters,
-                             **save_consensus(session, output_dir, state.consensus)}
-    summary = run_summary(session, log.rows, time.perf_counter() - started, saved, processes=world, backend=group.backend)
-    atomic.write_json(output_dir / SUMMARY_FILE, summary)
-    report_path = write_run_report(output_dir, summary, log.rows)
-    console.print(results_table(summary, log.rows))
-    console.print(f"report: {report_path} ({summary['runtime_s']:.0f} s)")
-    return summary
 
 
 def torchrun_command(procs: int, args: list[str], max_restarts: int = 0) -> list[str]:

@@ -1,0 +1,123 @@
+"""One process's run after set-up, the same for ``d2ora simulate`` and ``d2ora peer``: the round
+listeners (metrics files, TensorBoard and the console), checkpoints, the rounds loop, then the
+outputs (each process its own peers' adapters; the monitor's process the consensus adapter, the
+merged model, summary.json and the report)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from d2ora import atomic
+from d2ora.config_io import to_yaml
+from d2ora.data.partition import format_label_table, label_counts
+from d2ora.engine.checkpoint import Checkpointer
+from d2ora.engine.exchange import Exchange
+from d2ora.engine.loop import Collector, LoopState, RoundLoop
+from d2ora.engine.metrics_log import MetricsLog
+from d2ora.engine.monitor import ConsensusMonitor
+from d2ora.engine.tensorboard_log import TensorBoardLog
+from d2ora.recipes.console_view import ConsoleView
+from d2ora.recipes.session import Session, remove_stale_outputs, save_consensus, save_peer_adapters
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+
+
+def describe_setup(session: Session, console: Console) -> None:
+    """The lines printed before training: model, graph, label table, budget."""
+    config, data = session.config, session.data
+    console.print(f"[bold]{config.model_name}[/bold] ({config.task}): {session.attach_report.summary()}")
+    console.print(f"topology {session.network.description}")
+    if data.labels is not None:
+        counts = label_counts(data.labels, data.train_shards, data.n_classes)
+        console.print(format_label_table(counts, data.class_names, title=f"training examples per peer ({config.partition_label()})"))
+    console.print(
+        f"{session.peers} peer(s), {config.run_name}, {config.rounds} rounds x {config.local_steps} local steps, "
+        f"batch {config.peer_batch_size} per peer, {len(data.test)} test examples, on {session.device}"
+    )
+
+
+def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, saved: dict[str, Any],
+                **extra: Any) -> dict[str, Any]:
+    """What summary.json holds (the report and ``d2ora compare`` read it)."""
+    config, data = session.config, session.data
+    message_bytes = session.host.layout.numel * (2 if config.wire_dtype in ("bf16", "fp16") else session.host.layout.dtype.itemsize)
+    return {
+        "name": config.run_name, "mixer": config.run_name, "method": config.method, "r": config.r, "model": config.model_name,
+        "task": config.task, "metric": data.task.metric, "higher_is_better": data.task.higher_is_better, "peers": session.peers,
+        "topology": session.network.description, "spectral_gap": session.network.spectral_gap,
+        "partition": config.partition_label(), "rounds": config.rounds, "local_steps": config.local_steps,
+        "mixing_steps": session.network.mixing_steps, "batch_size": config.peer_batch_size, "label_names": data.class_names,
+        "label_counts": label_counts(data.labels, data.train_shards, data.n_classes).tolist() if data.labels is not None else None,
+        "final": rows[-1], "runtime_s": runtime_s, **saved,
+        "trainable_params_per_peer": session.attach_report.trainable_params, "message_bytes": message_bytes,
+        "wire_dtype": config.wire_dtype, **extra,
+    }
+
+
+def run_rounds_and_report(
+    session: Session,
+    output_dir: Path,
+    *,
+    exchange: Exchange,
+    collector: Collector,
+    checkpointer: Checkpointer,
+    state: LoopState,
+    rows: list[dict[str, Any]],
+    resumed: bool,
+    console: Console,
+    started: float,
+    **summary_extra: Any,
+) -> dict[str, Any] | None:
+    """Run the remaining rounds from ``state`` and write the outputs; the monitor's process returns
+    summary.json's content, the others None. ``console`` is quiet outside the monitor's process."""
+    from d2ora.report import results_table, write_run_report
+
+    config, host, network = session.config, session.host, session.network
+    metric = session.data.task.metric
+    monitor = collector.is_monitor
+    listeners: list[Any] = []
+    log = board = None
+    if monitor:
+        atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
+        log = MetricsLog(output_dir, metric, rows)
+        listeners.append(log)
+        if config.tensorboard:
+            board = TensorBoardLog(output_dir, metric, purge_after=state.round if resumed else None)
+            listeners.append(board)
+    view = ConsoleView(console, metric, config.rounds, config.local_steps, start_round=state.round)
+    listeners.append(view)
+
+    def checkpoint(loop_state: LoopState) -> None:
+        if checkpointer.due(loop_state.round, config.rounds):
+            checkpointer.save(loop_state, log.rows if log is not None else None)
+
+    loop = RoundLoop(
+        host, exchange, collector, network.plan(config), rounds=config.rounds, eval_every=config.eval_every,
+        eval_peers=config.eval_peers, test_batches=session.test_batches, val_batches=session.val_batches,
+        monitor=ConsensusMonitor(host, network.mixer, session.test_batches) if monitor else None,
+        peers=session.peers, listeners=listeners, checkpoint=checkpoint, on_step=view.on_step,
+    )
+    try:
+        with view:
+            state = loop.run(state)
+    finally:
+        if board is not None:
+            board.close()
+
+    save_peer_adapters(session, output_dir)
+    if log is None:
+        return None
+    remove_stale_outputs(config, output_dir, session.peers)
+    adapters = [f"adapters/peer-{k}" for k in range(session.peers)] if config.save_adapters else []
+    saved: dict[str, Any] = {"adapters": adapters, **save_consensus(session, output_dir, state.consensus)}
+    summary = run_summary(session, log.rows, time.perf_counter() - started, saved, **summary_extra)
+    atomic.write_json(output_dir / SUMMARY_FILE, summary)
+    report_path = write_run_report(output_dir, summary, log.rows)
+    console.print(results_table(summary, log.rows))
+    console.print(f"report: {report_path} ({summary['runtime_s']:.0f} s)")
+    return summary
