@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from d2ora.commands import analyze, peer, simulate, train
+from d2ora.commands import analyze, keygen, peer, simulate, train
 
 app = typer.Typer(
     name="d2ora",
@@ -16,6 +16,7 @@ app = typer.Typer(
 train.register(app)
 simulate.register(app)
 peer.register(app)
+keygen.register(app)
 analyze.register(app)
 
 
