@@ -23,7 +23,7 @@ from d2ora.engine.exchange import Exchange
 from d2ora.engine.host import PeerHost
 from d2ora.engine.monitor import ConsensusMonitor
 from d2ora.engine.records import Evaluation, RoundListener, RoundRecord
-from d2ora.engine.round import HostRound, RoundPlan, run_round
+from d2ora.engine.round import RoundPlan, run_round
 
 
 #: The parts of a round's time each process reports (the record keeps the slowest process's).
@@ -117,7 +117,8 @@ class RoundLoop:
         self.on_step = on_step
         self.metric_keys: list[str] | None = None
         self.int_keys: frozenset[str] = frozenset()
-        self.last_round: HostRound | None = None
+        #: The consensus adapter of the latest evaluation (monitor only): what the run saves.
+        self.consensus: torch.Tensor | None = None
 
     def _keys(self, sample: dict[str, float]) -> list[str]:
         """The task's metric names in its own order (the same in every process), and which are counts."""
@@ -164,7 +165,6 @@ class RoundLoop:
         for rnd in range(state.round + 1, self.rounds + 1):
             step_hook = None if self.on_step is None else (lambda losses, _r=rnd: self.on_step(_r, losses))
             done = run_round(self.host, self.exchange, self.plan, rnd, on_step=step_hook)
-            self.last_round = done
             hosted = len(done.samples)
             timing = [torch.full((hosted,), done.seconds[k], dtype=torch.float64) for k in SECONDS]
             wire = torch.zeros(hosted, dtype=torch.float64)
