@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from d2ora.distributed import wire
 from d2ora.distributed.group import Group, explain_timeout
-from d2ora.engine.exchange import Inbox, Routes, wire_round_trip
+from d2ora.engine.exchange import Inbox, Routes, local_inbox, wire_itemsize
 
 
 class PeerSilentError(RuntimeError):
@@ -61,11 +61,8 @@ class DistributedExchange:
 
     def exchange(self, outgoing: torch.Tensor, round_index: int, step: int) -> Inbox:
         row = {peer: k for k, peer in enumerate(self.hosted)}
-        itemsize = torch.empty(0, dtype=self.wire_dtype).element_size()
-        inbox = Inbox(payload_bytes={j: 0 for j in self.hosted})
-        for j, i in self.local_pairs:
-            inbox.messages[(j, i)] = wire_round_trip(outgoing[row[j]], self.wire_dtype)
-            inbox.payload_bytes[j] += self.numel * itemsize
+        inbox = local_inbox(outgoing, self.hosted, self.local_pairs, self.wire_dtype)
+        size = self.numel * wire_itemsize(self.layout_dtype, self.wire_dtype)
         ops: list[dist.P2POp] = []
         sends = []
         for j, i in self.outbound:
@@ -73,7 +70,7 @@ class DistributedExchange:
             buffer = wire.encode(self._header(j, i, round_index, step), payload)
             sends.append(buffer)  # kept alive until the send completes
             ops.append(dist.P2POp(dist.isend, buffer, self.owner(i), tag=self._tag(j, i)))
-            inbox.payload_bytes[j] += self.numel * itemsize
+            inbox.payload_bytes[j] += size
             inbox.wire_bytes += buffer.numel()
         receives = []
         for j, i in self.inbound:

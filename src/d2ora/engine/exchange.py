@@ -73,24 +73,30 @@ def wire_itemsize(layout_dtype: torch.dtype, wire_dtype: torch.dtype | None) -> 
     return torch.empty(0, dtype=wire_dtype or layout_dtype).element_size()
 
 
+def local_inbox(outgoing: torch.Tensor, hosted: Sequence[int], pairs: Sequence[tuple[int, int]],
+                wire_dtype: torch.dtype | None) -> Inbox:
+    """The messages between peers of one process: ``(sender, receiver)`` pairs served from the rows
+    of ``outgoing`` (never leaving memory), each counted as sent at the wire dtype's size."""
+    row = {peer: k for k, peer in enumerate(hosted)}
+    size = outgoing.shape[1] * wire_itemsize(outgoing.dtype, wire_dtype)
+    inbox = Inbox(payload_bytes={j: 0 for j in hosted})
+    for j, i in pairs:
+        inbox.messages[(j, i)] = wire_round_trip(outgoing[row[j]], wire_dtype)
+        inbox.payload_bytes[j] += size
+    return inbox
+
+
 class InMemoryExchange:
     """Every receiver's in-neighbours live in this process: messages are rows of ``outgoing``."""
 
     def __init__(self, routes: Routes, hosted: Sequence[int], wire_dtype: torch.dtype | None = None) -> None:
-        self.routes = routes
         self.hosted = list(hosted)
         self.wire_dtype = wire_dtype
+        self.pairs = [(j, i) for i in self.hosted for j in routes.in_neighbours(i)]
         for i in self.hosted:
             missing = [j for j in routes.in_neighbours(i) if j not in self.hosted]
             if missing:
                 raise ValueError(f"peer {i} receives from peers {missing}, which this process does not host")
 
     def exchange(self, outgoing: torch.Tensor, round_index: int, step: int) -> Inbox:
-        row = {peer: k for k, peer in enumerate(self.hosted)}
-        size = outgoing.shape[1] * wire_itemsize(outgoing.dtype, self.wire_dtype)
-        inbox = Inbox(payload_bytes={j: 0 for j in self.hosted})
-        for i in self.hosted:
-            for j in self.routes.in_neighbours(i):
-                inbox.messages[(j, i)] = wire_round_trip(outgoing[row[j]], self.wire_dtype)
-                inbox.payload_bytes[j] += size
-        return inbox
+        return local_inbox(outgoing, self.hosted, self.pairs, self.wire_dtype)

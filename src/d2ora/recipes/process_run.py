@@ -15,13 +15,13 @@ from d2ora import atomic
 from d2ora.config_io import to_yaml
 from d2ora.data.partition import format_label_table, label_counts
 from d2ora.engine.checkpoint import Checkpointer
-from d2ora.engine.exchange import Exchange
+from d2ora.engine.exchange import Exchange, wire_itemsize
 from d2ora.engine.loop import Collector, LoopState, RoundLoop
 from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.monitor import ConsensusMonitor
 from d2ora.engine.tensorboard_log import TensorBoardLog
 from d2ora.recipes.console_view import ConsoleView
-from d2ora.recipes.session import Session, remove_stale_outputs, save_consensus, save_peer_adapters
+from d2ora.recipes.session import Session, remove_stale_outputs, save_consensus, save_peer_adapters, wire_dtype
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -45,7 +45,8 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
                 **extra: Any) -> dict[str, Any]:
     """What summary.json holds (the report and ``d2ora compare`` read it)."""
     config, data = session.config, session.data
-    message_bytes = session.host.layout.numel * (2 if config.wire_dtype in ("bf16", "fp16") else session.host.layout.dtype.itemsize)
+    layout = session.host.layout
+    message_bytes = layout.numel * wire_itemsize(layout.dtype, wire_dtype(config))
     return {
         "name": config.run_name, "mixer": config.run_name, "method": config.method, "r": config.r, "model": config.model_name,
         "task": config.task, "metric": data.task.metric, "higher_is_better": data.task.higher_is_better, "peers": session.peers,
