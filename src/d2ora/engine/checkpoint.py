@@ -63,10 +63,20 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
+def refuse_changed_config(saved: dict[str, Any], current: dict[str, Any], what: Path) -> None:
+    """A resume must run the config its checkpoint was written with (keys that cannot change results aside)."""
+    differing = config_differences(saved, current)
+    if differing:
+        raise CheckpointError(
+            f"cannot resume from {what}: the config differs in {', '.join(differing)} "
+            "(only keys that cannot change results, such as eval_batch_size, may change)"
+        )
+
+
 @dataclass
 class Restored:
     state: LoopState
-    rows: list[dict[str, Any]]  # metrics rows up to the restored round (monitor's process)
+    rows: list[dict[str, Any]]  # metrics rows up to the restored round (monitor's process; empty elsewhere)
     path: Path
 
 
@@ -193,12 +203,7 @@ class Checkpointer:
         folder = self.directory / f"round-{round_index:06d}"
         meta, tensors = self._read(folder)
         host = self.host
-        differing = config_differences(meta.get("config") or {}, self.config)
-        if differing:
-            raise CheckpointError(
-                f"cannot resume from {folder}: the config differs in {', '.join(differing)} "
-                "(only keys that cannot change results, such as eval_batch_size, may change)"
-            )
+        refuse_changed_config(meta.get("config") or {}, self.config, folder)
         if meta["peer_ids"] != [host.peer_ids.start, host.peer_ids.stop]:
             raise CheckpointError(f"{folder} holds peers {meta['peer_ids']}, this process hosts {[host.peer_ids.start, host.peer_ids.stop]}")
         if meta["layout"] != host.layout.digest():
@@ -206,11 +211,11 @@ class Checkpointer:
         host.peer_model.load_flat(tensors["adapters"].to(host.device))
         optimizer = host.trainer.optimizer
         optimizer.state.clear()
+        # Fused / capturable AdamW keep the step count on the parameter's device, the others on the CPU.
+        on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
         for index, param in enumerate(host.trainer.params):
             entries = {key.split(".", 2)[2]: t for key, t in tensors.items() if key.startswith(f"optimizer.{index}.")}
             if entries:
-                # Fused / capturable AdamW keep the step count on the parameter's device, the others on the CPU.
-                on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
                 optimizer.state[param] = {k: v.to(param.device) if (k != "step" or on_device) else v for k, v in entries.items()}
         for group, lr in zip(optimizer.param_groups, meta["optimizer_lrs"]):
             group["lr"] = lr

@@ -117,8 +117,6 @@ class RoundLoop:
         self.on_step = on_step
         self.metric_keys: list[str] | None = None
         self.int_keys: frozenset[str] = frozenset()
-        #: The consensus adapter of the latest evaluation (monitor only): what the run saves.
-        self.consensus: torch.Tensor | None = None
 
     def _keys(self, sample: dict[str, float]) -> list[str]:
         """The task's metric names in its own order (the same in every process), and which are counts."""
@@ -127,8 +125,9 @@ class RoundLoop:
             self.int_keys = frozenset(k for k, v in sample.items() if isinstance(v, int))
         return self.metric_keys
 
-    def evaluate(self, round_index: int) -> Evaluation | None:
-        """Every hosted peer scored here; the consensus in the monitor's process (None elsewhere)."""
+    def evaluate(self, round_index: int) -> tuple[Evaluation, torch.Tensor] | None:
+        """Every hosted peer scored here; in the monitor's process the evaluation of all peers and
+        the scored consensus adapter (None elsewhere)."""
         host = self.host
         peer_test = evaluate_peers(host.peer_model, host.task, self.test_batches, host.device) if self.eval_peers else None
         peer_val = evaluate_each_on_own(host.peer_model, host.task, self.val_batches, host.device)
@@ -145,9 +144,9 @@ class RoundLoop:
         all_val = _decode(gathered[:, :width], keys, self.int_keys)
         all_test = _decode(gathered[:, width:], keys, self.int_keys) if peer_test is not None else None
         result = self.monitor.evaluate(flat, round_index)
-        self.consensus = result.adapter
-        return Evaluation(metric=host.task.metric, consensus_test=result.test, consensus_distance=result.distances,
-                          peer_test=all_test, peer_val=all_val)
+        evaluation = Evaluation(metric=host.task.metric, consensus_test=result.test, consensus_distance=result.distances,
+                                peer_test=all_test, peer_val=all_val)
+        return evaluation, result.adapter
 
     def _publish(self, record: RoundRecord) -> None:
         for listener in self.listeners:
@@ -155,10 +154,10 @@ class RoundLoop:
 
     def run(self, state: LoopState) -> LoopState:
         started = time.perf_counter() - state.elapsed_s
-        self.consensus = state.consensus
         if state.round == 0:
-            evaluation = self.evaluate(0)
-            if self.monitor is not None:
+            scored = self.evaluate(0)
+            if scored is not None:
+                evaluation, state.consensus = scored
                 record = RoundRecord(round=0, samples_seen=0, train_loss=[None] * self.peers, bytes_sent=[0] * self.peers,
                                      bytes_sent_total=0, wall_time_s=0.0, evaluation=evaluation)
                 self._publish(record)
@@ -172,14 +171,16 @@ class RoundLoop:
             values = torch.stack([done.train_loss.double(), torch.tensor(done.payload_bytes, dtype=torch.float64),
                                   torch.tensor(done.samples, dtype=torch.float64), *timing, wire], dim=1)
             gathered = self.collector.gather_values(values, rnd)
-            evaluation = self.evaluate(rnd) if rnd % self.eval_every == 0 or rnd == self.rounds else None
+            scored = self.evaluate(rnd) if rnd % self.eval_every == 0 or rnd == self.rounds else None
+            evaluation = None
+            if scored is not None:
+                evaluation, state.consensus = scored
             state.round = rnd
             if gathered is not None:
                 sent = [int(v) for v in gathered[:, 1].tolist()]
                 state.samples_seen += int(gathered[:, 2].sum().item())
                 state.bytes_total += sum(sent)
                 state.elapsed_s = time.perf_counter() - started
-                state.consensus = self.consensus
                 seconds = {k: float(gathered[:, 3 + i].max()) for i, k in enumerate(SECONDS)}
                 record = RoundRecord(round=rnd, samples_seen=state.samples_seen, train_loss=gathered[:, 0].tolist(),
                                      bytes_sent=sent, bytes_sent_total=state.bytes_total, wall_time_s=state.elapsed_s,

@@ -94,7 +94,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     round_to_resume = _agreed_resume_round(group, checkpointer) if resume else None
     if round_to_resume is not None:
         restored = checkpointer.restore(round_to_resume)
-        state, rows = restored.state, [r for r in restored.rows if r["round"] <= round_to_resume]
+        state, rows = restored.state, restored.rows
         shown.print(f"resuming after round {round_to_resume}")
     elif resume and not restarted():
         raise CheckpointError(f"nothing to resume: not every process has a valid checkpoint under {output_dir / 'checkpoints'}")

@@ -210,17 +210,14 @@ def remove_stale_outputs(config: SimulateConfig, output_dir: Path, peers: int) -
         shutil.rmtree(output_dir / "consensus" / "merged", ignore_errors=True)
 
 
-def save_peer_adapters(session: Session, output_dir: Path) -> list[str]:
+def save_peer_adapters(session: Session, output_dir: Path) -> None:
     """Every hosted peer's adapter in PEFT format (``adapters/peer-<k>``, k global)."""
     if not session.config.save_adapters:
-        return []
+        return
     host, base, task = session.host, session.loaded.source.portable_name, session.data.task
-    saved = []
     for k in host.peer_ids:
         with host.peer_model.peer_view(host.local(k)) as view:
             save_adapter(view, output_dir / "adapters" / f"peer-{k}", base_model_name_or_path=base, task_type=task.peft_task_type)
-        saved.append(f"adapters/peer-{k}")
-    return saved
 
 
 def save_consensus(session: Session, output_dir: Path, consensus: torch.Tensor | None) -> dict[str, str | None]:

@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from d2ora import atomic
-from d2ora.engine.checkpoint import CheckpointError, Checkpointer, config_differences, rank_dir
+from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir, refuse_changed_config
 from d2ora.engine.exchange import InMemoryExchange, Routes
 from d2ora.engine.loop import LocalCollector, LoopState
 from d2ora.engine.round import DivergedError
@@ -51,12 +51,7 @@ def check_resumable(config: SimulateConfig, output_dir: Path, rank: int = 0) -> 
         saved = json.loads(newest[-1].read_text(encoding="utf-8")).get("config") or {}
     except (OSError, ValueError, AttributeError):
         return  # unreadable: the loader falls back to an older checkpoint or says what is wrong
-    differing = config_differences(saved, config.result_config())
-    if differing:
-        raise CheckpointError(
-            f"cannot resume {output_dir}: the config differs in {', '.join(differing)} "
-            "(only keys that cannot change results, such as eval_batch_size, may change)"
-        )
+    refuse_changed_config(saved, config.result_config(), newest[-1].parent)
 
 
 def simulate(config: SimulateConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any]:
@@ -82,7 +77,7 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
         if latest is None:
             raise CheckpointError(f"no valid checkpoint to resume in {checkpointer.directory}")
         restored = checkpointer.restore(latest)
-        state, rows = restored.state, [r for r in restored.rows if r["round"] <= latest]
+        state, rows = restored.state, restored.rows
         console.print(f"resuming after round {latest} from {restored.path}")
     else:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # an earlier run's must not be resumed into this one
