@@ -19,7 +19,7 @@ from torch import nn
 from d2ora.dora.attach import attached_config, dora_layers, resolve_modules_to_save, set_submodule
 from d2ora.dora.stacked import StackedDoRALinear, StackedLinear
 from d2ora.engine.layout import AdapterLayout
-from d2ora.mixers.base import LayerStack, MixOutput
+from d2ora.mixers.base import LayerStack
 
 
 class PeerModel:
@@ -131,19 +131,6 @@ class PeerModel:
             for pname, param in head.named_parameters()
         }
         return layers, dense
-
-    @torch.no_grad()
-    def apply(self, out: MixOutput) -> None:
-        """Write a mixer's (P, ...) result back into the stacked parameters (same tensors, so optimizers keep them)."""
-        for name, stack in out.layers.items():
-            layer = self.layers[name]
-            layer.lora_A.copy_(stack.lora_a)
-            layer.lora_B.copy_(stack.lora_b)
-            if layer.use_dora:
-                layer.lora_magnitude_vector.copy_(stack.magnitude)
-        for key, value in out.dense.items():
-            head_name, _, pname = key.rpartition(".")
-            getattr(self.heads[head_name], pname).copy_(value)
 
     @contextlib.contextmanager
     def holding(self, peer: int, flat: torch.Tensor) -> Iterator[PeerModel]:
