@@ -5,8 +5,8 @@ name and renames it into place when complete, then points ``latest`` at it; the 
 are kept. A folder holds:
 
 - ``state.safetensors``: the hosted peers' flat adapters, AdamW's moments and step counts, the
-  samplers' epoch orders, torch's RNG state and (in the monitor's process) the last consensus
-  adapter;
+  samplers' epoch orders, torch's RNG states (CPU, and the GPU's when training there) and (in the
+  monitor's process) the last consensus adapter;
 - ``state.json``: round counters, the scheduler, the samplers' generator states, the result-relevant
   config, the layout digest, the metrics rows so far (monitor), and the SHA-256 of the tensor file.
 
@@ -106,6 +106,8 @@ class Checkpointer:
         _, orders = host.sampler.state()
         tensors.update({f"sampler.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in orders.items()})
         tensors["rng.torch"] = torch.get_rng_state()
+        if host.device.type == "cuda":  # dropout on a GPU draws from the device's generator
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(host.device)
         if state.consensus is not None:
             tensors["consensus"] = state.consensus.detach().cpu().contiguous()
         return tensors
@@ -225,6 +227,8 @@ class Checkpointer:
         orders = {k.removeprefix("sampler."): v.numpy() for k, v in tensors.items() if k.startswith("sampler.")}
         host.sampler.load_state(meta["sampler"], orders)
         torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and host.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], host.device)
         state = LoopState(round=meta["round"], samples_seen=meta["samples_seen"], bytes_total=meta["bytes_total"],
                           elapsed_s=meta["elapsed_s"], consensus=tensors.get("consensus"))
         if state.consensus is not None:
