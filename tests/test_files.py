@@ -108,13 +108,18 @@ def test_peft_dora_adapter_loads_in_d2ora_with_same_logits(family, tmp_path: Pat
     assert relative_error(untouched, logits(ours)) > 1e-3
 
 
-def test_peft_lora_adapter_loads_as_dora_with_magnitude_from_norms(tiny_llama_dir: str, tmp_path: Path) -> None:
-    theirs = get_peft_model(load_causal(tiny_llama_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+def save_with_nonzero_lora_b(peft_model, folder: Path) -> None:
+    """PEFT initialises B to zero (the adapter would be a no-op): give it values, then save."""
     with torch.no_grad():
-        for name, param in theirs.named_parameters():
+        for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
-    theirs.eval().save_pretrained(tmp_path)
+    peft_model.eval().save_pretrained(folder)
+
+
+def test_peft_lora_adapter_loads_as_dora_with_magnitude_from_norms(tiny_llama_dir: str, tmp_path: Path) -> None:
+    theirs = get_peft_model(load_causal(tiny_llama_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    save_with_nonzero_lora_b(theirs, tmp_path)
 
     ours = load_causal(tiny_llama_dir)
     load_adapter(ours, tmp_path, as_dora=True)
@@ -262,11 +267,7 @@ def test_peft_rank_pattern_that_agrees_is_loaded(tiny_llama_dir: str, tmp_path: 
     """The other side of the rank check: PEFT's own per-layer ranks load, with PEFT's outputs."""
     theirs = get_peft_model(load_causal(tiny_llama_dir), LoraConfig(
         r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}))
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    theirs.eval().save_pretrained(tmp_path)
+    save_with_nonzero_lora_b(theirs, tmp_path)
     ours = load_causal(tiny_llama_dir)
     report = load_adapter(ours, tmp_path)
     assert len(report.per_module_rank) == 4  # q_proj and v_proj in 2 layers
