@@ -121,4 +121,6 @@ def run_rounds_and_report(
     report_path = write_run_report(output_dir, summary, log.rows)
     console.print(results_table(summary, log.rows))
     console.print(f"report: {report_path} ({summary['runtime_s']:.0f} s)")
+    if board is not None:
+        console.print(f"curves: tensorboard --logdir {output_dir}")
     return summary
