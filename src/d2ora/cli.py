@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from d2ora.commands import analyze, keygen, peer, simulate, train
+from d2ora.commands import analyze, keygen, ledger, peer, simulate, train
 
 app = typer.Typer(
     name="d2ora",
@@ -18,6 +18,7 @@ simulate.register(app)
 peer.register(app)
 keygen.register(app)
 analyze.register(app)
+ledger.register(app)
 
 
 if __name__ == "__main__":

@@ -42,9 +42,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from d2ora.engine.checkpoint import CheckpointError
     from d2ora.engine.round import DivergedError
     from d2ora.topology import TopologyError
+    from d2ora.trust.identity import IdentityError
+    from d2ora.trust.ledger import LedgerError
 
     return (*USER_ERRORS, PartitionError, TopologyError, DivergedError, CheckpointError, PeerSilentError,
-            DistributedSetupError, WireError)
+            DistributedSetupError, WireError, IdentityError, LedgerError)
 
 
 def load_run_config(config: Path | None, set_: list[str] | None, updates: dict[str, Any], resume: Path | None) -> Any:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from d2ora.distributed import wire
 from d2ora.distributed.group import Group, explain_timeout
-from d2ora.engine.exchange import Inbox, Routes, local_inbox, wire_itemsize
+from d2ora.engine.exchange import Attachments, Inbox, Payloads, Routes, local_inbox, wire_itemsize
 
 
 class PeerSilentError(RuntimeError):
@@ -38,7 +38,8 @@ class DistributedExchange:
     """The :class:`~d2ora.engine.exchange.Exchange` of one process in a torchrun job."""
 
     def __init__(self, routes: Routes, hosted: Sequence[int], owner: Callable[[int], int], group: Group,
-                 numel: int, layout_dtype: torch.dtype, wire_dtype: torch.dtype | None = None) -> None:
+                 numel: int, layout_dtype: torch.dtype, wire_dtype: torch.dtype | None = None,
+                 attachment_bytes: int = 0) -> None:
         self.routes = routes
         self.hosted = list(hosted)
         self.owner = owner
@@ -46,6 +47,8 @@ class DistributedExchange:
         self.numel = numel
         self.layout_dtype = layout_dtype
         self.wire_dtype = wire_dtype or layout_dtype
+        #: Bytes every message carries after its payload (the trust layer's envelope; agreed at start).
+        self.attachment_bytes = attachment_bytes
         hosted_set = set(self.hosted)
         #: (sender, receiver) pairs crossing process boundaries, sorted; and local ones.
         self.outbound = sorted((j, i) for j in self.hosted for i in routes.out_neighbours(j) if i not in hosted_set)
@@ -59,22 +62,43 @@ class DistributedExchange:
     def _header(self, sender: int, receiver: int, round_index: int, step: int) -> wire.Header:
         return wire.Header(round_index, step, sender, receiver, self.numel, self.wire_dtype)
 
-    def exchange(self, outgoing: torch.Tensor, round_index: int, step: int) -> Inbox:
+    def _fixed_payload(self, payload: torch.Tensor) -> torch.Tensor:
+        """A replacement payload cut or zero-padded to the agreed length: buffers have a fixed size,
+        so a wrong-length message shows up to the receiver through its (signed) envelope instead."""
+        payload = payload.reshape(-1)
+        if payload.numel() >= self.numel:
+            return payload[: self.numel]
+        return torch.cat([payload, payload.new_zeros(self.numel - payload.numel())])
+
+    def _attachment(self, attachments: Attachments | None, pair: tuple[int, int]) -> torch.Tensor:
+        data = (attachments or {}).get(pair, b"")
+        if len(data) > self.attachment_bytes:
+            raise ValueError(f"attachment of {len(data)} bytes, the job carries {self.attachment_bytes} per message")
+        data = data + bytes(self.attachment_bytes - len(data))  # a missing attachment arrives as zeros
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+    def exchange(self, outgoing: torch.Tensor, round_index: int, step: int, *,
+                 attachments: Attachments | None = None, payloads: Payloads | None = None) -> Inbox:
         row = {peer: k for k, peer in enumerate(self.hosted)}
-        inbox = local_inbox(outgoing, self.hosted, self.local_pairs, self.wire_dtype)
+        inbox = local_inbox(outgoing, self.hosted, self.local_pairs, self.wire_dtype, attachments, payloads)
         size = self.numel * wire_itemsize(self.layout_dtype, self.wire_dtype)
+        extra = self.attachment_bytes
         ops: list[dist.P2POp] = []
         sends = []
         for j, i in self.outbound:
-            payload = outgoing[row[j]].to(device=self.buffer_device, dtype=self.wire_dtype)
+            source = payloads[(j, i)] if payloads and (j, i) in payloads else outgoing[row[j]]
+            payload = self._fixed_payload(source).to(device=self.buffer_device, dtype=self.wire_dtype)
             buffer = wire.encode(self._header(j, i, round_index, step), payload)
+            if extra:
+                buffer = torch.cat([buffer, self._attachment(attachments, (j, i)).to(buffer.device)])
             sends.append(buffer)  # kept alive until the send completes
             ops.append(dist.P2POp(dist.isend, buffer, self.owner(i), tag=self._tag(j, i)))
             inbox.payload_bytes[j] += size
             inbox.wire_bytes += buffer.numel()
         receives = []
         for j, i in self.inbound:
-            buffer = torch.empty(wire.buffer_bytes(self.numel, self.wire_dtype), dtype=torch.uint8, device=self.buffer_device)
+            length = wire.buffer_bytes(self.numel, self.wire_dtype) + extra
+            buffer = torch.empty(length, dtype=torch.uint8, device=self.buffer_device)
             receives.append(((j, i), buffer))
             ops.append(dist.P2POp(dist.irecv, buffer, self.owner(j), tag=self._tag(j, i)))
         if ops:
@@ -90,8 +114,18 @@ class DistributedExchange:
 
             _wait(works, describe, self.group, round_index)
         for (j, i), buffer in receives:
-            payload = wire.decode(buffer, self._header(j, i, round_index, step))
+            body = buffer[: buffer.numel() - extra] if extra else buffer
+            try:
+                payload = wire.decode(body, self._header(j, i, round_index, step))
+            except wire.WireError as exc:
+                if not extra:
+                    raise
+                # Under the trust layer a bad frame is one Byzantine message, not a reason to stop.
+                inbox.bad_frames[(j, i)] = str(exc)
+                continue
             inbox.messages[(j, i)] = payload.to(device=outgoing.device, dtype=self.layout_dtype)
+            if extra:
+                inbox.attachments[(j, i)] = buffer[buffer.numel() - extra :].cpu().numpy().tobytes()
         return inbox
 
 

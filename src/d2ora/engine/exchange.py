@@ -12,7 +12,7 @@ exactly as a process run would; mixing itself always runs in at least fp32.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -51,15 +51,31 @@ class Inbox:
     payload_bytes: dict[int, int] = field(default_factory=dict)
     #: bytes this process put on the wire (payload + headers of messages to other processes).
     wire_bytes: int = 0
+    #: (sender, receiver) -> the bytes attached to that message (the trust layer's signed envelope).
+    attachments: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    #: (sender, receiver) -> why a transport could not decode that message (it is not in ``messages``).
+    bad_frames: dict[tuple[int, int], str] = field(default_factory=dict)
+
+
+#: Per-message extras a wrapper (the trust layer) hands a transport, keyed (sender, receiver).
+Attachments = Mapping[tuple[int, int], bytes]
+Payloads = Mapping[tuple[int, int], torch.Tensor]
 
 
 class Exchange(Protocol):
     """Moves one gossip step's messages. ``outgoing`` is ``(len(hosted), numel)``, row k the adapter
-    of peer ``hosted[k]``; ``round_index`` and ``step`` identify the step (headers, signatures)."""
+    of peer ``hosted[k]``; ``round_index`` and ``step`` identify the step (headers, signatures).
+
+    Optional, for wrappers: ``attachments`` are bytes that travel with a message and come back in
+    ``Inbox.attachments`` (a transport built with ``attachment_bytes=n`` carries exactly n per
+    message); ``payloads`` replaces what one sender sends one receiver (a Byzantine peer sending
+    each neighbour something else; a transport with fixed-size buffers pads or cuts a replacement
+    of the wrong length, which the receiver's checks then see)."""
 
     hosted: Sequence[int]
 
-    def exchange(self, outgoing: torch.Tensor, round_index: int, step: int) -> Inbox: ...
+    def exchange(self, outgoing: torch.Tensor, round_index: int, step: int, *,
+                 attachments: Attachments | None = None, payloads: Payloads | None = None) -> Inbox: ...
 
 
 def wire_round_trip(payload: torch.Tensor, wire_dtype: torch.dtype | None) -> torch.Tensor:
@@ -74,15 +90,19 @@ def wire_itemsize(layout_dtype: torch.dtype, wire_dtype: torch.dtype | None) -> 
 
 
 def local_inbox(outgoing: torch.Tensor, hosted: Sequence[int], pairs: Sequence[tuple[int, int]],
-                wire_dtype: torch.dtype | None) -> Inbox:
+                wire_dtype: torch.dtype | None, attachments: Attachments | None = None,
+                payloads: Payloads | None = None) -> Inbox:
     """The messages between peers of one process: ``(sender, receiver)`` pairs served from the rows
     of ``outgoing`` (never leaving memory), each counted as sent at the wire dtype's size."""
     row = {peer: k for k, peer in enumerate(hosted)}
     size = outgoing.shape[1] * wire_itemsize(outgoing.dtype, wire_dtype)
     inbox = Inbox(payload_bytes={j: 0 for j in hosted})
     for j, i in pairs:
-        inbox.messages[(j, i)] = wire_round_trip(outgoing[row[j]], wire_dtype)
+        payload = payloads.get((j, i), outgoing[row[j]]) if payloads else outgoing[row[j]]
+        inbox.messages[(j, i)] = wire_round_trip(payload, wire_dtype)
         inbox.payload_bytes[j] += size
+        if attachments and (j, i) in attachments:
+            inbox.attachments[(j, i)] = attachments[(j, i)]
     return inbox
 
 
@@ -98,5 +118,6 @@ class InMemoryExchange:
             if missing:
                 raise ValueError(f"peer {i} receives from peers {missing}, which this process does not host")
 
-    def exchange(self, outgoing: torch.Tensor, round_index: int, step: int) -> Inbox:
-        return local_inbox(outgoing, self.hosted, self.pairs, self.wire_dtype)
+    def exchange(self, outgoing: torch.Tensor, round_index: int, step: int, *,
+                 attachments: Attachments | None = None, payloads: Payloads | None = None) -> Inbox:
+        return local_inbox(outgoing, self.hosted, self.pairs, self.wire_dtype, attachments, payloads)

@@ -105,6 +105,7 @@ class RoundLoop:
         listeners: Sequence[RoundListener] = (),
         checkpoint: Callable[[LoopState], None] | None = None,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
+        after_round: Callable[[int], None] | None = None,
     ) -> None:
         if collector.is_monitor != (monitor is not None):
             raise ValueError("the monitor runs in exactly the collector's monitor process")
@@ -115,6 +116,7 @@ class RoundLoop:
         self.listeners = list(listeners)
         self.checkpoint = checkpoint
         self.on_step = on_step
+        self.after_round = after_round  # e.g. the trust layer's ledger blocks, before the checkpoint
         self.metric_keys: list[str] | None = None
         self.int_keys: frozenset[str] = frozenset()
 
@@ -144,8 +146,9 @@ class RoundLoop:
         all_val = _decode(gathered[:, :width], keys, self.int_keys)
         all_test = _decode(gathered[:, width:], keys, self.int_keys) if peer_test is not None else None
         result = self.monitor.evaluate(flat, round_index)
+        honest = self.monitor.members if self.monitor.members is not None and len(self.monitor.members) < self.peers else None
         evaluation = Evaluation(metric=host.task.metric, consensus_test=result.test, consensus_distance=result.distances,
-                                peer_test=all_test, peer_val=all_val)
+                                peer_test=all_test, peer_val=all_val, honest=honest)
         return evaluation, result.adapter
 
     def _publish(self, record: RoundRecord) -> None:
@@ -164,6 +167,8 @@ class RoundLoop:
         for rnd in range(state.round + 1, self.rounds + 1):
             step_hook = None if self.on_step is None else (lambda losses, _r=rnd: self.on_step(_r, losses))
             done = run_round(self.host, self.exchange, self.plan, rnd, on_step=step_hook)
+            if self.after_round is not None:
+                self.after_round(rnd)
             hosted = len(done.samples)
             timing = [torch.full((hosted,), done.seconds[k], dtype=torch.float64) for k in SECONDS]
             wire = torch.zeros(hosted, dtype=torch.float64)

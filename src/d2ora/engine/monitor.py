@@ -62,15 +62,22 @@ class ConsensusResult:
 class ConsensusMonitor:
     """Scores the consensus model on the test set in the host of peer 0 (its slot lends the model)."""
 
-    def __init__(self, host: PeerHost, mixer: Mixer, test_batches: Sequence[Batch]) -> None:
+    def __init__(self, host: PeerHost, mixer: Mixer, test_batches: Sequence[Batch],
+                 members: Sequence[int] | None = None) -> None:
         if 0 not in host.peer_ids:
             raise ValueError("the consensus monitor runs where peer 0 is hosted")
         self.host = host
-        self.mixer = mixer
+        # A Byzantine-robust rule guards a peer against its neighbours; the consensus model is the
+        # honest peers' agreement, so it is built by the underlying rule.
+        self.mixer = getattr(mixer, "base", mixer)
         self.test_batches = list(test_batches)
+        #: Whose adapters make the consensus (all peers; the honest ones when some attack).
+        self.members = None if members is None else list(members)
 
     def evaluate(self, all_flat: torch.Tensor, round_index: int) -> ConsensusResult:
         host = self.host
+        if self.members is not None and len(self.members) < all_flat.shape[0]:
+            all_flat = all_flat[self.members]
         inputs = None
         if consensus_rule(self.mixer).needs_layer_inputs:
             inputs = host.layer_inputs((round_index, CONSENSUS_STEP))

@@ -23,27 +23,34 @@ class Evaluation:
     consensus_distance: dict[str, float | None]  # magnitude (None for LoRA), product, merged
     peer_test: list[Metrics] | None = None  # None when peers are not scored (eval_peers: false)
     peer_val: list[Metrics | None] = field(default_factory=list)  # None: empty validation split
+    #: The peers the summary scores (the honest ones when some attack; None: all).
+    honest: list[int] | None = None
 
     @property
     def mean_peer_test(self) -> Metrics | None:
+        """Mean, min and max over the honest peers (a Byzantine peer's own model is not a result)."""
         if not self.peer_test:
             return None
-        values = [r[self.metric] for r in self.peer_test]
+        scored = range(len(self.peer_test)) if self.honest is None else self.honest
+        values = [self.peer_test[k][self.metric] for k in scored]
         return {self.metric: sum(values) / len(values), "min": min(values), "max": max(values)}
 
     def to_row(self) -> dict[str, Any]:
-        return {
+        row = {
             "peer_test": self.peer_test,
             "mean_peer_test": self.mean_peer_test,
             "consensus_test": self.consensus_test,
             "peer_val": self.peer_val,
             "consensus_distance": self.consensus_distance,
         }
+        if self.honest is not None:
+            row["honest_peers"] = self.honest
+        return row
 
     @classmethod
     def from_row(cls, row: dict[str, Any], metric: str) -> Evaluation:
         return cls(metric=metric, consensus_test=row["consensus_test"], consensus_distance=row["consensus_distance"],
-                   peer_test=row.get("peer_test"), peer_val=row.get("peer_val") or [])
+                   peer_test=row.get("peer_test"), peer_val=row.get("peer_val") or [], honest=row.get("honest_peers"))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Aggregation rules for decentralized DoRA/LoRA: one small class per rule, one file per class.
 
 ``MIXERS`` maps each rule's ``name`` to its class; ``make_mixer(name, **kwargs)`` builds one.
+``make_robust(mixer, rule, **options)`` wraps one in a Byzantine-robust rule (``ROBUST_RULES``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from d2ora.mixers.dimat import DimatMixer
 from d2ora.mixers.fedavg import FedAvgMixer
 from d2ora.mixers.graph import closed_neighbourhood, degree_groups, mix_stacks
 from d2ora.mixers.local import LocalMixer
+from d2ora.mixers.robust import ROBUST_RULES, RobustMixer, make_robust
 
 MIXERS: dict[str, type] = {
     cls.name: cls for cls in (D2oraMixer, DecafMixer, DimatMixer, FedAvgMixer, LocalMixer)
@@ -32,6 +34,7 @@ def make_mixer(name: str, **kwargs: Any) -> Mixer:
 
 __all__ = [
     "MIXERS",
+    "ROBUST_RULES",
     "D2oraMixer",
     "DecafMixer",
     "DimatMixer",
@@ -42,9 +45,11 @@ __all__ = [
     "MixOutput",
     "Mixer",
     "Neighbourhoods",
+    "RobustMixer",
     "closed_neighbourhood",
     "degree_groups",
     "mix_stacks",
     "make_mixer",
+    "make_robust",
     "mix_dense_linearly",
 ]

@@ -68,11 +68,16 @@ class MixOutput:
 
 class Mixer(Protocol):
     """An aggregation rule. ``factors_replaced`` tells the engine whether A and B are re-expressed in
-    a new basis (the optimizer's moments for A and B then no longer match and are reset)."""
+    a new basis (the optimizer's moments for A and B then no longer match and are reset).
+    ``robust_space`` is the geometry in which ``d2ora.mixers.robust`` measures distances between
+    neighbours for this rule: ``"factors"`` (the flat A, B, m, dense vector; the rule averages
+    factors), ``"products"`` (s·B·A per layer, plus m and dense; the rule mixes products), or None
+    (no Byzantine-robust variant: the rule does not take a weighted combination of raw adapters)."""
 
     name: ClassVar[str]
     factors_replaced: ClassVar[bool]
     needs_layer_inputs: ClassVar[bool]
+    robust_space: ClassVar[str | None]
 
     def mix(self, hood: Neighbourhoods) -> MixOutput: ...
 

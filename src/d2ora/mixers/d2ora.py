@@ -30,6 +30,7 @@ class D2oraMixer:
     name: ClassVar[str] = "d2ora"
     factors_replaced: ClassVar[bool] = False
     needs_layer_inputs: ClassVar[bool] = False
+    robust_space: ClassVar[str | None] = "factors"  # distances between flat (A, B, m, dense) vectors
 
     def mix(self, hood: Neighbourhoods) -> MixOutput:
         return mix_linearly(hood)

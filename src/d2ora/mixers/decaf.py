@@ -149,6 +149,7 @@ class DecafMixer:
     name: ClassVar[str] = "decaf"
     factors_replaced: ClassVar[bool] = True
     needs_layer_inputs: ClassVar[bool] = False
+    robust_space: ClassVar[str | None] = "products"  # it mixes s·B·A, so distances are between products
 
     def mix(self, hood: Neighbourhoods) -> MixOutput:
         weights = checked_weights(hood)

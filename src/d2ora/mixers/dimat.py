@@ -97,6 +97,7 @@ class DimatMixer:
     name: ClassVar[str] = "dimat"
     factors_replaced: ClassVar[bool] = False
     needs_layer_inputs: ClassVar[bool] = True
+    robust_space: ClassVar[str | None] = None  # aligns factors before averaging: raw distances mean nothing
 
     def mix(self, hood: Neighbourhoods) -> MixOutput:
         if hood.layer_inputs is None:

@@ -23,6 +23,7 @@ class FedAvgMixer:
     name: ClassVar[str] = "fedavg"
     factors_replaced: ClassVar[bool] = False  # a plain average keeps A/B's coordinates, as D²ORA's
     needs_layer_inputs: ClassVar[bool] = False
+    robust_space: ClassVar[str | None] = "factors"  # the same averaged factors as D²ORA
 
     def mix(self, hood: Neighbourhoods) -> MixOutput:
         return mix_linearly(hood)

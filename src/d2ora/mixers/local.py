@@ -19,6 +19,7 @@ class LocalMixer:
     name: ClassVar[str] = "local"
     factors_replaced: ClassVar[bool] = False
     needs_layer_inputs: ClassVar[bool] = False
+    robust_space: ClassVar[str | None] = None  # nothing is mixed, so nothing to make robust
 
     def mix(self, hood: Neighbourhoods) -> MixOutput:
         checked_weights(hood)

@@ -23,12 +23,14 @@ from d2ora import atomic
 from d2ora.distributed.exchange import DistributedCollector, DistributedExchange
 from d2ora.distributed.group import DistributedSetupError, Group, agree, note_failure, start, stop
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
-from d2ora.engine.exchange import Routes
+from d2ora.engine.exchange import Exchange, Routes
 from d2ora.engine.host import peer_block
 from d2ora.engine.loop import LoopState
 from d2ora.recipes.process_run import describe_setup, run_rounds_and_report
 from d2ora.recipes.session import build_network, open_session, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
+from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, load_identities, stored_nonce
+from d2ora.trust.envelope import ENVELOPE_BYTES
 from d2ora.runtime_support import seed_everything
 
 
@@ -67,6 +69,9 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     agree(group, "config", config.result_config())
     if config.centralized and group.world_size > 1:
         raise DistributedSetupError("mode centralized trains one peer: run it with one process")
+    if config.trust == "simulated":
+        raise DistributedSetupError("trust: simulated is for d2ora simulate; processes need real keys: trust: keys with "
+                                    "roster and keys_dir (d2ora keygen writes the key files)")
     seed_everything(config.seed)
     output_dir = atomic.ensure_writable_dir(config.output_dir)
     build_network(config, [1] * config.peers)
@@ -100,13 +105,33 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         raise CheckpointError(f"nothing to resume: not every process has a valid checkpoint under {output_dir / 'checkpoints'}")
     else:
         shutil.rmtree(checkpointer.directory, ignore_errors=True)
-    exchange = DistributedExchange(Routes(network.weights), host.peer_ids, owner, group, host.layout.numel,
-                                   host.layout.dtype, wire_dtype(config))
+    routes = Routes(network.weights)
+    trusted = config.trust != "off"
+    exchange: Exchange = DistributedExchange(routes, host.peer_ids, owner, group, host.layout.numel, host.layout.dtype,
+                                             wire_dtype(config), attachment_bytes=ENVELOPE_BYTES if trusted else 0)
+    trust = None
+    if trusted:
+        roster, keys = load_identities(config, host.peer_ids, peers)
+        agree(group, "roster", {"sha256": roster.sha256})
+        nonce = stored_nonce(output_dir, host.peer_ids) if round_to_resume is not None else _shared_nonce(group)
+        agree(group, "run nonce (ledgers of another run in the folder?)", {"nonce": nonce.hex()})
+        trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=round_to_resume)
+        exchange = trust.wrap(exchange)
+    elif round_to_resume is None and group.is_root:
+        shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one
     return run_rounds_and_report(
         session, output_dir, exchange=exchange, collector=DistributedCollector(group, blocks, peers),
         checkpointer=checkpointer, state=state, rows=rows, resumed=round_to_resume is not None, console=shown,
-        started=started, processes=world, backend=group.backend,
+        started=started, trust=trust, processes=world, backend=group.backend,
     )
+
+
+def _shared_nonce(group: Group) -> bytes:
+    """A fresh random run nonce drawn by process 0 and broadcast as a byte tensor (no object collective)."""
+    device = group.device if group.backend == "nccl" else torch.device("cpu")
+    nonce = torch.frombuffer(bytearray(os.urandom(NONCE_BYTES)), dtype=torch.uint8).to(device)
+    dist.broadcast(nonce, src=0)
+    return nonce.cpu().numpy().tobytes()
 
 
 def torchrun_command(procs: int, args: list[str], max_restarts: int = 0) -> list[str]:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from d2ora import atomic
@@ -21,6 +22,7 @@ from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.monitor import ConsensusMonitor
 from d2ora.engine.tensorboard_log import TensorBoardLog
 from d2ora.recipes.console_view import ConsoleView
+from d2ora.recipes.trust_run import LEDGER_DIR, TrustRun, folder_digests, rejection_summary
 from d2ora.recipes.session import Session, remove_stale_outputs, save_consensus, save_peer_adapters, wire_dtype
 
 CONFIG_FILE = "config.yaml"
@@ -48,7 +50,8 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
     layout = session.host.layout
     message_bytes = layout.numel * wire_itemsize(layout.dtype, wire_dtype(config))
     return {
-        "name": config.run_name, "mixer": config.run_name, "method": config.method, "r": config.r, "model": config.model_name,
+        "name": config.run_name, "mixer": "centralized" if config.centralized else config.mixer,
+        "robust": config.robust, "attack": config.attack, "byzantine": config.byzantine, "method": config.method, "r": config.r, "model": config.model_name,
         "task": config.task, "metric": data.task.metric, "higher_is_better": data.task.higher_is_better, "peers": session.peers,
         "topology": session.network.description, "spectral_gap": session.network.spectral_gap,
         "partition": config.partition_label(), "rounds": config.rounds, "local_steps": config.local_steps,
@@ -58,6 +61,14 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
         "trainable_params_per_peer": session.attach_report.trainable_params, "message_bytes": message_bytes,
         "wire_dtype": config.wire_dtype, **extra,
     }
+
+
+def trust_summary(trust: TrustRun, rejections: torch.Tensor) -> dict[str, Any]:
+    """summary.json's trust section: the ledgers, the rejected messages per sender and check, and
+    this process's signing, checking and ledger time (seconds)."""
+    return {"mode": trust.config.trust, "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
+            "rejected_total": int(rejections.sum()), "rejected_by_sender": rejection_summary(rejections),
+            "seconds": {k: round(v, 4) for k, v in trust.seconds.items()}}
 
 
 def run_rounds_and_report(
@@ -72,6 +83,7 @@ def run_rounds_and_report(
     resumed: bool,
     console: Console,
     started: float,
+    trust: TrustRun | None = None,
     **summary_extra: Any,
 ) -> dict[str, Any] | None:
     """Run the remaining rounds from ``state`` and write the outputs; the monitor's process returns
@@ -100,8 +112,9 @@ def run_rounds_and_report(
     loop = RoundLoop(
         host, exchange, collector, network.plan(config), rounds=config.rounds, eval_every=config.eval_every,
         eval_peers=config.eval_peers, test_batches=session.test_batches, val_batches=session.val_batches,
-        monitor=ConsensusMonitor(host, network.mixer, session.test_batches) if monitor else None,
+        monitor=ConsensusMonitor(host, network.mixer, session.test_batches, members=config.honest_peers) if monitor else None,
         peers=session.peers, listeners=listeners, checkpoint=checkpoint, on_step=view.on_step,
+        after_round=None if trust is None else trust.after_round,
     )
     try:
         with view:
@@ -111,11 +124,22 @@ def run_rounds_and_report(
             board.close()
 
     save_peer_adapters(session, output_dir)
+    rejections = None
+    if trust is not None:
+        rejections = collector.gather_values(trust.rejections.reshape(len(host.peer_ids), -1), config.rounds + 1)
     if log is None:
+        if trust is not None:
+            trust.finish()
+            trust.close()
         return None
     remove_stale_outputs(config, output_dir, session.peers)
     adapters = [f"adapters/peer-{k}" for k in range(session.peers)] if config.save_adapters else []
     saved: dict[str, Any] = {"adapters": adapters, **save_consensus(session, output_dir, state.consensus)}
+    if trust is not None:
+        assert rejections is not None
+        trust.finish(lambda peer: folder_digests(output_dir, ["consensus"]) if peer == 0 else {})
+        trust.close()
+        summary_extra["trust"] = trust_summary(trust, rejections.reshape(session.peers, session.peers, -1))
     summary = run_summary(session, log.rows, time.perf_counter() - started, saved, **summary_extra)
     atomic.write_json(output_dir / SUMMARY_FILE, summary)
     report_path = write_run_report(output_dir, summary, log.rows)

@@ -20,6 +20,7 @@ import torch
 from datasets import Dataset
 
 from d2ora import topology as topo
+from d2ora.config_io import ConfigError
 from d2ora.data.partition import PartitionError, partition, split_local
 from d2ora.data.sources import DataSourceError, load_source, split_indices, subsample
 from d2ora.data.tasks import CLASS_LABELS, Batch, Task, make_task
@@ -31,9 +32,11 @@ from d2ora.engine.local_steps import LocalTrainer
 from d2ora.engine.peers import PeerModel
 from d2ora.engine.round import RoundPlan
 from d2ora.mixers import FedAvgMixer, LocalMixer, Mixer, make_mixer
+from d2ora.mixers.robust import check_neighbourhood, make_robust
 from d2ora.models import LoadedModel, head_modules, load_model
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.runtime_support import quiet_datasets
+from d2ora.trust.attacks import flip_labels
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -93,11 +96,31 @@ def prepare_peer_data(config: SimulateConfig, load_model_for: Callable[[Task], L
         train_shards = [np.sort(np.concatenate(train_shards))]
         val_shards = [np.sort(np.concatenate(val_shards))]
     n_classes = len(class_names) if class_names else (int(labels.max()) + 1 if labels.size else None)
+    train_rows = pool_tok.to_list()
+    if config.attack == "label_flip":
+        if not class_names:
+            raise PartitionError("attack label_flip needs class labels (task classification)")
+        train_rows, train_shards = poison_labels(train_rows, train_shards, config.byzantine, len(class_names))
     data = PeerData(
-        task=task, train_rows=pool_tok.to_list(), train_shards=train_shards, val_shards=val_shards,
+        task=task, train_rows=train_rows, train_shards=train_shards, val_shards=val_shards,
         test=test_tok, labels=labels if class_names else None, n_classes=n_classes, class_names=class_names,
     )
     return data, loaded
+
+
+def poison_labels(rows: list[dict[str, Any]], shards: list[np.ndarray], byzantine: list[int],
+                  classes: int) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """The label-flip attack: each Byzantine peer trains on its own copies of its examples with
+    labels y -> C - 1 - y (copies, so the honest peers' rows and the partition stay as they are)."""
+    rows = list(rows)
+    shards = list(shards)
+    for peer in byzantine:
+        start = len(rows)
+        shard = shards[peer]
+        flipped = flip_labels([rows[i]["labels"] for i in shard], classes)
+        rows.extend({**rows[i], "labels": y} for i, y in zip(shard, flipped))
+        shards[peer] = np.arange(start, start + len(shard), dtype=np.int64)
+    return rows, shards
 
 
 # ------------------------------------------------------------------------------------- the graph
@@ -126,15 +149,33 @@ def build_network(config: SimulateConfig, shard_sizes: list[int]) -> Network:
         weights = torch.as_tensor(topo.fedavg_weights(shard_sizes), dtype=torch.float32)
         line = (f"fedavg: every peer receives all {peers} adapters and takes the server's average "
                 "(weighted by shard size; no server process)")
-        return Network(FedAvgMixer(), weights, 1, line, 1.0)
+        return Network(robust_variant(config, FedAvgMixer(), weights), weights, 1, line, 1.0)
     graph = topo.build_topology(config.topology, peers, **config.topology_params)
     w = topo.mixing_matrix(graph, config.mixing)
     summary = topo.summarize(graph, w)
     line = f"{summary}, {config.mixing} weights".removeprefix("topology ")
     mixer = make_mixer(config.mixer)
     if isinstance(mixer, LocalMixer):  # no communication: each peer's neighbourhood is itself
+        if config.robust != "none":
+            raise ValueError("mixer local sends nothing: there is no neighbourhood to make robust (set robust: none)")
         return Network(mixer, torch.eye(peers), 0, line + " (unused: local training)", summary.spectral_gap)
-    return Network(mixer, torch.as_tensor(w, dtype=torch.float32), config.mixing_steps, line, summary.spectral_gap)
+    weights = torch.as_tensor(w, dtype=torch.float32)
+    return Network(robust_variant(config, mixer, weights), weights, config.mixing_steps, line, summary.spectral_gap)
+
+
+def robust_variant(config: SimulateConfig, mixer: Mixer, weights: torch.Tensor) -> Mixer:
+    """``mixer`` behind the configured Byzantine-robust rule (itself when ``robust: none``)."""
+    options: dict[str, Any] = {"byzantine": config.robust_f}
+    if config.robust_tau is not None:
+        options["tau"] = config.robust_tau
+    try:
+        robust = make_robust(mixer, config.robust, **options)
+        if robust is not mixer:  # every full neighbourhood must support f: fail now, not after round 1's training
+            for k in sorted({int(n) for n in (weights != 0).sum(dim=1).tolist()}):
+                check_neighbourhood(config.robust, k, config.robust_f)
+    except ValueError as exc:
+        raise ConfigError(f"robust: {exc}") from None
+    return robust
 
 
 def wire_dtype(config: SimulateConfig) -> torch.dtype | None:

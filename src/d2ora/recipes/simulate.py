@@ -20,6 +20,7 @@ number of steps: the same samples seen in all, the upper bound of every comparis
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -29,12 +30,13 @@ from rich.console import Console
 
 from d2ora import atomic
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir, refuse_changed_config
-from d2ora.engine.exchange import InMemoryExchange, Routes
+from d2ora.engine.exchange import Exchange, InMemoryExchange, Routes
 from d2ora.engine.loop import LocalCollector, LoopState
 from d2ora.engine.round import DivergedError
 from d2ora.recipes.process_run import CONFIG_FILE, SUMMARY_FILE, describe_setup, run_rounds_and_report
 from d2ora.recipes.session import build_network, open_session, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
+from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, load_identities, stored_nonce
 from d2ora.runtime_support import resolve_device, seed_everything
 
 __all__ = ["CONFIG_FILE", "SUMMARY_FILE", "DivergedError", "check_resumable", "simulate"]
@@ -47,6 +49,9 @@ def check_resumable(config: SimulateConfig, output_dir: Path, rank: int = 0) -> 
     newest = sorted(directory.glob("round-*/state.json")) if directory.is_dir() else []
     if not newest:
         raise CheckpointError(f"nothing to resume in {output_dir}: no checkpoints under {directory}")
+    if config.trust == "simulated":
+        raise CheckpointError("trust: simulated signs with throwaway keys that are never stored, so its ledgers cannot be "
+                              "continued: rerun it, or use trust: keys with key files (d2ora keygen)")
     try:
         saved = json.loads(newest[-1].read_text(encoding="utf-8")).get("config") or {}
     except (OSError, ValueError, AttributeError):
@@ -81,8 +86,17 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
         console.print(f"resuming after round {latest} from {restored.path}")
     else:
         shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # an earlier run's must not be resumed into this one
+    routes = Routes(network.weights)
+    exchange: Exchange = InMemoryExchange(routes, host.peer_ids, wire_dtype(config))
+    trust = None
+    if config.trust != "off":
+        roster, keys = load_identities(config, host.peer_ids, session.peers)
+        nonce = stored_nonce(output_dir, host.peer_ids) if resume else os.urandom(NONCE_BYTES)
+        trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=state.round if resume else None)
+        exchange = trust.wrap(exchange)
+    elif not resume:
+        shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one
     return run_rounds_and_report(
-        session, output_dir, exchange=InMemoryExchange(Routes(network.weights), host.peer_ids, wire_dtype(config)),
-        collector=LocalCollector(), checkpointer=checkpointer, state=state, rows=rows, resumed=resume,
-        console=console, started=started,
+        session, output_dir, exchange=exchange, collector=LocalCollector(), checkpointer=checkpointer, state=state,
+        rows=rows, resumed=resume, console=console, started=started, trust=trust,
     )

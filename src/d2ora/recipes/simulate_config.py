@@ -27,7 +27,11 @@ WIRE_DTYPES = ("native", "fp32", "bf16", "fp16")
 RESULT_NEUTRAL_KEYS = frozenset({
     "eval_batch_size", "output_dir", "device", "peer_group_size", "timeout_s", "checkpoint_every",
     "keep_checkpoints", "tensorboard", "save_adapters", "save_merged",
+    # Where a process finds its keys and roster may differ per machine; the roster's *content* is
+    # agreed separately (its SHA-256 is part of the run id).
+    "roster", "keys_dir", "key_passphrase_env",
 })
+TRUST_MODES = ("off", "simulated", "keys")
 #: Measured on a 2-core CPU with MiniLM (benchmarks/simulate_scale.py): passes of about 2k tokens
 #: are fastest; larger ones are memory-bound in their elementwise work.
 CPU_TOKENS_PER_PASS = 2048
@@ -119,6 +123,19 @@ class SimulateConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept per process (older ones are pruned).")
     timeout_s: float = Field(300.0, gt=0, description="d2ora peer: seconds to wait for a neighbour's message before stopping with its name.")
 
+    # --- trust (d2ora.trust): signed messages, per-peer ledgers, robust mixing, attacks
+    trust: Literal["off", "simulated", "keys"] = Field("off", description="'simulated': throwaway Ed25519 keys per peer (simulate only); 'keys': real key files (keys_dir) and a roster; either signs and checks every message and keeps a ledger per peer under output_dir/ledger.")
+    roster: Path | None = Field(None, description="trust: keys: the roster file (YAML/JSON, peer id -> public key).")
+    keys_dir: Path | None = Field(None, description="trust: keys: folder of private keys peer-<k>.key (d2ora keygen); a process reads only its own peers' keys.")
+    key_passphrase_env: str | None = Field(None, description="Environment variable holding the key files' passphrase (null: unencrypted keys).")
+    max_update_norm: float | None = Field(None, gt=0, description="Reject a message farther than this times the receiver's own adapter norm from it (null: no bound).")
+    robust: str = Field("none", description="Byzantine-robust rule over each neighbourhood: none, trimmed_mean, median, krum, multi_krum, centered_clipping, self_centered_clipping.")
+    robust_f: int = Field(1, ge=0, description="Byzantine neighbours each robust rule tolerates per neighbourhood.")
+    robust_tau: float | None = Field(None, gt=0, description="Clipping radius of the clipping rules (null: adaptive, see d2ora.mixers.robust).")
+    attack: str = Field("none", description="What the 'byzantine' peers do (d2ora.trust.attacks): sign_flip, gaussian, alie, ipm, dissensus, label_flip, forged_signature, missing_signature, replay, nan, wrong_shape, equivocation.")
+    byzantine: list[int] = Field(default_factory=list, description="Peer ids that attack (e.g. [2, 5]); reports score the honest peers.")
+    attack_scale: float | None = Field(None, gt=0, description="The attack's strength ε (null: the attack's default).")
+
     @model_validator(mode="before")
     @classmethod
     def _centralized_shorthand(cls, data: Any) -> Any:
@@ -149,11 +166,43 @@ class SimulateConfig(BaseModel):
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
 
+    @field_validator("robust", "attack")
+    @classmethod
+    def _known_trust_name(cls, value: str, info: ValidationInfo) -> str:
+        from d2ora.mixers.robust import ROBUST_RULES
+        from d2ora.trust.attacks import ATTACKS
+
+        choices = ("none", *(ROBUST_RULES if info.field_name == "robust" else ATTACKS))
+        key = _key(value)
+        if key not in choices:
+            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {', '.join(choices)}")
+        return key
+
     @model_validator(mode="after")
     def _consistent(self) -> SimulateConfig:
         if self.peer_group_size is not None and self.peer_group_size > self.peers:
             raise ValueError(f"peer_group_size={self.peer_group_size} exceeds peers={self.peers}")
+        self._check_trust()
         return self
+
+    def _check_trust(self) -> None:
+        if (self.attack == "none") != (not self.byzantine):
+            raise ValueError("an attack needs byzantine peers and byzantine peers need an attack: set both 'attack' and 'byzantine'")
+        wrong = [p for p in self.byzantine if not 0 <= p < self.peers]
+        if wrong or len(set(self.byzantine)) != len(self.byzantine):
+            raise ValueError(f"byzantine must list distinct peer ids in 0..{self.peers - 1}, got {self.byzantine}")
+        if self.byzantine and len(self.byzantine) >= self.peers:
+            raise ValueError("at least one peer must be honest")
+        if self.attack not in ("none", "label_flip") and self.trust == "off":
+            raise ValueError(f"attack {self.attack!r} acts on signed messages: set trust: simulated (or keys)")
+        if self.byzantine and self.centralized:
+            raise ValueError("mode centralized has one peer on the pooled data: there are no byzantine peers to choose")
+        if self.trust != "off" and self.centralized:
+            raise ValueError("mode centralized sends no messages: there is nothing to sign (set trust: off)")
+        if self.trust == "keys" and (self.roster is None or self.keys_dir is None):
+            raise ValueError("trust: keys needs 'roster' (the roster file) and 'keys_dir' (the folder of peer-<k>.key files)")
+        if self.robust != "none" and self.centralized:
+            raise ValueError("mode centralized has no neighbourhoods to make robust (set robust: none)")
 
     @property
     def model_name(self) -> str:
@@ -165,8 +214,14 @@ class SimulateConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """The method's name in reports: the mixer, or 'centralized'."""
-        return CENTRALIZED if self.centralized else self.mixer
+        """The method's name in reports: the mixer (with its robust rule), or 'centralized'."""
+        if self.centralized:
+            return CENTRALIZED
+        return self.mixer if self.robust == "none" else f"{self.mixer}+{self.robust}"
+
+    @property
+    def honest_peers(self) -> list[int]:
+        return [p for p in range(self.peers) if p not in set(self.byzantine)]
 
     def result_config(self) -> dict[str, Any]:
         """The keys that decide results (JSON-able): what a resume and every torchrun process must share."""

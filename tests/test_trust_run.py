@@ -1,0 +1,117 @@
+"""The trust layer in a real run (MiniLM + BBC News, tiny budget): signing changes nothing about the
+result, attacks are rejected or caught, and `d2ora ledger verify` checks the run folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from d2ora.cli import app
+from d2ora.recipes.simulate import simulate
+from d2ora.trust.audit import verify_run
+from d2ora.trust.ledger import Ledger
+from tests.test_simulate import tiny_config
+
+FAST = {"save_merged": False, "tensorboard": False, "eval_peers": False}
+
+
+def peer_tensors(out: Path, peer: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapters" / f"peer-{peer}" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def signed_run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("signed")
+    return out, simulate(tiny_config(out, mixer="decaf", trust="simulated", **FAST))
+
+
+def test_signing_changes_nothing_and_the_run_verifies(signed_run, tmp_path: Path) -> None:
+    out, summary = signed_run
+    plain = simulate(tiny_config(tmp_path, mixer="decaf", **FAST))
+    for peer in range(4):
+        signed, unsigned = peer_tensors(out, peer), peer_tensors(tmp_path, peer)
+        assert signed.keys() == unsigned.keys()
+        assert all(torch.equal(signed[k], unsigned[k]) for k in signed)
+    assert summary["final"]["consensus_test"] == plain["final"]["consensus_test"]
+    assert summary["trust"]["rejected_total"] == 0
+    report = verify_run(out)
+    assert report.ok, report.lines()
+    result = CliRunner().invoke(app, ["ledger", "verify", str(out)])
+    assert result.exit_code == 0, result.output
+    # one genesis, one block per round and a final block per peer; ring of 4: 2 envelopes a round
+    ledger = Ledger.open(out / "ledger" / "peer-0002.sqlite")
+    kinds = [b.kind for b in ledger.blocks()]
+    assert kinds == ["genesis", "round", "round", "final"]
+    assert len(ledger.envelopes(1)) == 2
+    final = ledger.blocks()[-1].body["files"]
+    assert "adapters/peer-2/adapter_model.safetensors" in final
+    ledger.close()
+    assert not (out / "ledger" / "peer-0000.key").exists() and not list(out.rglob("*.key"))  # no private key saved
+
+
+def test_an_edited_adapter_byte_fails_verification_naming_the_file(signed_run, tmp_path: Path) -> None:
+    out, _ = signed_run
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    target = copy / "adapters" / "peer-1" / "adapter_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x01
+    target.write_bytes(bytes(data))
+    result = CliRunner().invoke(app, ["ledger", "verify", str(copy)])
+    assert result.exit_code == 1
+    assert "adapters/peer-1/adapter_model.safetensors" in result.output
+
+
+def test_nan_attack_is_rejected_every_time_and_honest_peers_stay_finite(tmp_path: Path) -> None:
+    summary = simulate(tiny_config(tmp_path, mixer="d2ora", trust="simulated", attack="nan", byzantine=[1], **FAST))
+    # peer 1 on a ring of 4 sends to 2 neighbours per round, 2 rounds: 4 messages, all rejected
+    assert summary["trust"]["rejected_by_sender"] == {"1": {"nonfinite": 4}}
+    for peer in (0, 2, 3):
+        assert all(torch.isfinite(t).all() for t in peer_tensors(tmp_path, peer).values())
+    report = verify_run(tmp_path)
+    assert report.ok, report.lines()
+    ledger = Ledger.open(tmp_path / "ledger" / "peer-0000.sqlite")
+    [rejection] = ledger.rejections(1)
+    assert rejection.sender == 1 and rejection.check == "nonfinite"
+    ledger.close()
+
+
+def test_equivocation_is_named_by_the_audit(tmp_path: Path) -> None:
+    summary = simulate(tiny_config(tmp_path, mixer="d2ora", trust="simulated", attack="equivocation", byzantine=[3],
+                                   rounds=1, **FAST))
+    assert summary["trust"]["rejected_total"] == 0  # each receiver alone sees a valid message
+    report = verify_run(tmp_path)
+    assert not report.ok
+    assert any("peer 3" in line and "equivoc" in line for line in report.lines()), report.lines()
+
+
+def test_robust_rule_and_model_attack_run_and_record_honest_consensus(tmp_path: Path) -> None:
+    summary = simulate(tiny_config(tmp_path, mixer="d2ora", trust="simulated", attack="ipm", byzantine=[2],
+                                   robust="self_centered_clipping", rounds=1, **FAST))
+    assert summary["name"] == "d2ora+self_centered_clipping" and summary["byzantine"] == [2]
+    assert summary["trust"]["rejected_total"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["consensus_test"]["accuracy"] >= 0
+
+
+def test_bad_trust_configs_are_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    cases = [
+        (["--set", "attack=alie"], "needs byzantine peers"),
+        (["--set", "attack=alie", "--set", "byzantine=[1]"], "set trust: simulated"),
+        (["--set", "trust=keys"], "needs 'roster'"),
+        (["--set", "robust=krum"], "k=3 (ring) tolerates at most f=0"),
+        (["--set", "robust=median", "--set", "mixer=decaf"], "coordinate-wise"),
+        (["--set", "attack=bogus", "--set", "byzantine=[1]"], "unknown attack"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["simulate", "--set", f"output_dir={tmp_path}", "--set", "peers=4", *args])
+        assert result.exit_code != 0, args
+        assert message in result.output, (args, result.output)
