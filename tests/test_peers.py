@@ -115,3 +115,28 @@ def test_flat_layout_round_trip_and_holding(tiny_classifier_dir: str) -> None:
         assert torch.equal(peers.flat()[2], before[0])
     assert torch.equal(peers.flat(), before)
     assert layout.digest() == make_peers(tiny_classifier_dir).layout().digest()  # values do not enter it
+
+
+def test_identical_peers_are_scored_once_with_each_peers_own_result(tiny_classifier_dir: str) -> None:
+    """evaluate_peers serves each distinct adapter once: twins get the twin's scores, which equal
+    scoring them separately; a peer that differs in one value is scored on its own."""
+    from d2ora.engine.evaluate import evaluate_peers
+
+    peers = make_peers(tiny_classifier_dir)
+    flat = peers.flat()
+    flat[2] = flat[0]
+    peers.load_flat(flat)
+    served: list[int] = []
+
+    class CountingTask:
+        def evaluate(self, model, batches, device):
+            served.append(1)
+            ids = batches[0]["input_ids"]
+            with torch.no_grad():
+                return {"logit_sum": float(model(input_ids=ids).logits.double().sum())}
+
+    batches = [{"input_ids": torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(3))}]
+    results = evaluate_peers(peers, CountingTask(), batches, "cpu")
+    assert len(served) == 2  # peers 0 and 2 are one adapter
+    separately = [evaluate_peers(peers, CountingTask(), batches, "cpu", peers=[k])[0] for k in range(PEERS)]
+    assert results == separately and results[0] == results[2] != results[1]

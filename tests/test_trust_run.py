@@ -70,9 +70,14 @@ def test_an_edited_adapter_byte_fails_verification_naming_the_file(signed_run, t
 
 
 def test_nan_attack_is_rejected_every_time_and_honest_peers_stay_finite(tmp_path: Path) -> None:
-    summary = simulate(tiny_config(tmp_path, mixer="d2ora", trust="simulated", attack="nan", byzantine=[1], **FAST))
+    from rich.console import Console
+
+    console = Console(record=True, width=240)
+    summary = simulate(tiny_config(tmp_path, mixer="d2ora", trust="simulated", attack="nan", byzantine=[1], **FAST),
+                       console=console)
     # peer 1 on a ring of 4 sends to 2 neighbours per round, 2 rounds: 4 messages, all rejected
     assert summary["trust"]["rejected_by_sender"] == {"1": {"nonfinite": 4}}
+    assert "round 2 step 0: peer 0 rejected peer 1's message (nonfinite:" in console.export_text()
     for peer in (0, 2, 3):
         assert all(torch.isfinite(t).all() for t in peer_tensors(tmp_path, peer).values())
     report = verify_run(tmp_path)
@@ -115,3 +120,51 @@ def test_bad_trust_configs_are_one_line(tmp_path: Path) -> None:
         result = runner.invoke(app, ["simulate", "--set", f"output_dir={tmp_path}", "--set", "peers=4", *args])
         assert result.exit_code != 0, args
         assert message in result.output, (args, result.output)
+
+
+def test_a_resumed_signed_run_rewinds_its_ledgers_and_still_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trust: keys, checkpoints every 2 rounds, a crash in round 4: the ledgers hold round 3, which
+    the checkpoint does not; resume moves it to `abandoned`, signs rounds 3 and 4 again, and the
+    run verifies against the roster and ends with an uninterrupted run's adapters."""
+    import yaml
+
+    from d2ora.engine.host import PeerHost
+    from d2ora.trust.identity import public_key_string, write_private_key
+
+    keys = tmp_path / "keys"
+    roster = {"peers": {str(p): public_key_string(write_private_key(keys / f"peer-{p}.key")) for p in range(4)}}
+    (tmp_path / "roster.yaml").write_text(yaml.safe_dump(roster))
+    signed = {"trust": "keys", "roster": tmp_path / "roster.yaml", "keys_dir": keys, "rounds": 4, "checkpoint_every": 2,
+              "mixer": "d2ora", **FAST}
+    reference = tmp_path / "reference"
+    simulate(tiny_config(reference, **signed))
+    original, calls = PeerHost.local_step, {"n": 0}
+
+    def failing(self, sequential=False):
+        calls["n"] += 1
+        if calls["n"] == 3 * 2 + 1:  # first local step of round 4
+            raise RuntimeError("power cut")
+        return original(self, sequential)
+
+    monkeypatch.setattr(PeerHost, "local_step", failing)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="power cut"):
+        simulate(tiny_config(out, **signed))
+    monkeypatch.undo()
+    with Ledger.open(out / "ledger" / "peer-0001.sqlite") as ledger:
+        assert ledger.last_round == 3
+    simulate(tiny_config(out, **signed), resume=True)
+    with Ledger.open(out / "ledger" / "peer-0001.sqlite") as ledger:
+        assert [b.round for b in ledger.blocks() if b.kind == "round"] == [1, 2, 3, 4]
+        assert len(ledger.abandoned()) == 1
+    from d2ora.trust.identity import load_roster
+
+    report = verify_run(out, load_roster(tmp_path / "roster.yaml"))
+    assert report.ok and report.abandoned == 4, report.lines()
+    for peer in range(4):
+        ours, theirs = peer_tensors(out, peer), peer_tensors(reference, peer)
+        assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-6) for k in ours)
+    # a simulated-trust run cannot be resumed: its keys are gone
+    with pytest.raises(Exception, match="throwaway keys"):
+        simulate(tiny_config(tmp_path / "sim", trust="simulated", rounds=1, **FAST))
+        simulate(tiny_config(tmp_path / "sim", trust="simulated", rounds=1, **FAST), resume=True)

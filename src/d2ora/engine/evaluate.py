@@ -17,13 +17,23 @@ def evaluate_peers(
     peer_model: PeerModel, task: Task, batches: Iterable[Batch], device: torch.device | str,
     peers: Sequence[int] | None = None,
 ) -> list[dict[str, float]]:
-    """``task.evaluate`` of each peer's own model on the same batches (one peer served at a time)."""
+    """``task.evaluate`` of each peer's own model on the same batches (one peer served at a time).
+
+    Peers whose adapters are bitwise identical (every peer before training; every peer after a
+    FedAvg round) are scored once: evaluation runs in eval mode, so the scores are the same, and a
+    round-0 evaluation of P peers costs one."""
     batches = list(batches)
-    chosen = range(peer_model.peers) if peers is None else peers
+    chosen = list(range(peer_model.peers) if peers is None else peers)
+    flat = peer_model.flat()
+    scored: list[tuple[int, dict[str, float]]] = []  # (representative peer, its scores)
     results = []
     for k in chosen:
-        with peer_model.serving(slice(k, k + 1)) as model:
-            results.append(task.evaluate(model, batches, device))
+        twin = next((scores for rep, scores in scored if torch.equal(flat[rep], flat[k])), None)
+        if twin is None:
+            with peer_model.serving(slice(k, k + 1)) as model:
+                twin = task.evaluate(model, batches, device)
+            scored.append((k, twin))
+        results.append(dict(twin))
     return results
 
 

@@ -8,6 +8,9 @@ The consensus model is the run's own rule applied by peer 0 to a neighbourhood o
 uniform weights 1/P (DeCAF: the SVD-truncated mean of the products; DIMAT: the mean aligned to
 peer 0's basis; D²ORA / FedAvg: the mean of m, B, A). A run without communication (``local``) is
 scored by the plain mean of the local adapters, the original "train, then aggregate once" design.
+When some peers attack (``byzantine``), the consensus is the honest peers' adapters mixed by the
+run's base rule (a robust wrapper guards one receiver against its neighbours; the monitor scores
+what the honest peers agree on).
 """
 
 from __future__ import annotations

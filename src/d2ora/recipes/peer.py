@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 
 from d2ora import atomic
 from d2ora.distributed.exchange import DistributedCollector, DistributedExchange
@@ -115,7 +116,8 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         agree(group, "roster", {"sha256": roster.sha256})
         nonce = stored_nonce(output_dir, host.peer_ids) if round_to_resume is not None else _shared_nonce(group)
         agree(group, "run nonce (ledgers of another run in the folder?)", {"nonce": nonce.hex()})
-        trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=round_to_resume)
+        trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=round_to_resume,
+                         warn=lambda line: console.print(f"[yellow]process {rank}: {escape(line)}[/yellow]"))
         exchange = trust.wrap(exchange)
     elif round_to_resume is None and group.is_root:
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one

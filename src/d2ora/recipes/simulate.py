@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from d2ora import atomic
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir, refuse_changed_config
@@ -92,7 +93,8 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
     if config.trust != "off":
         roster, keys = load_identities(config, host.peer_ids, session.peers)
         nonce = stored_nonce(output_dir, host.peer_ids) if resume else os.urandom(NONCE_BYTES)
-        trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=state.round if resume else None)
+        trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=state.round if resume else None,
+                         warn=lambda line: console.print(f"[yellow]{escape(line)}[/yellow]"))
         exchange = trust.wrap(exchange)
     elif not resume:
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from d2ora.trust.ledger import LEDGER_DIR, Ledger, Rejection, file_digests, ledg
 from d2ora.trust.signed_exchange import SignedExchange
 
 NONCE_BYTES = 16
+#: Rejections printed per round and process; the ledgers hold every one.
+MAX_REJECTION_LINES = 8
 
 
 def load_identities(config: SimulateConfig, hosted: Iterable[int], peers: int) -> tuple[Roster, dict[int, Ed25519PrivateKey]]:
@@ -86,8 +89,10 @@ class TrustRun:
     """The trust layer of the peers one process hosts."""
 
     def __init__(self, config: SimulateConfig, host: PeerHost, routes: Routes, output_dir: Path, roster: Roster,
-                 keys: dict[int, Ed25519PrivateKey], nonce: bytes, resume_round: int | None = None) -> None:
+                 keys: dict[int, Ed25519PrivateKey], nonce: bytes, resume_round: int | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
         self.config, self.host, self.routes = config, host, routes
+        self.warn = warn
         self.output_dir = output_dir
         self.roster, self.keys = roster, keys
         layout = host.layout
@@ -136,22 +141,29 @@ class TrustRun:
     def after_round(self, round_index: int) -> None:
         """One ledger block per hosted peer for the round just mixed."""
         assert self.exchange is not None
-        import time
-
         tick = time.perf_counter()
         record = self.exchange.take_round()
         for name in ("sign", "verify"):
             self.seconds[name] += record.seconds[name]
         flat = self.host.peer_model.flat()
+        lines = []
         for k, peer in enumerate(self.host.peer_ids):
             rejected = record.rejected.get(peer, [])
             for verdict in rejected:
                 self.rejections[k, verdict.sender, CHECKS.index(verdict.check)] += 1
+                lines.append(f"round {round_index} step {verdict.step}: peer {peer} rejected peer {verdict.sender}'s "
+                             f"message ({verdict.check}: {verdict.detail})")
             self.ledgers[peer].append_round(
                 round_index, record.accepted.get(peer, []), [_rejection(v) for v in rejected], record.sent.get(peer, []),
                 hashlib.sha256(payload_bytes(flat[k])).hexdigest(),
             )
         self.seconds["ledger"] += time.perf_counter() - tick
+        if self.warn is not None and lines:
+            shown = lines[:MAX_REJECTION_LINES]
+            if len(lines) > len(shown):
+                shown.append(f"... and {len(lines) - len(shown)} more rejected in round {round_index} (all in the ledgers)")
+            for line in shown:
+                self.warn(line)
 
     def finish(self, extra_files: Callable[[int], dict[str, str]] | None = None) -> None:
         """The final block of every hosted peer: the digests of the files saved for it."""
