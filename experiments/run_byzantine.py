@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 OUT = HERE / "byzantine"
 MODEL_ATTACKS = ("sign_flip", "gaussian", "alie", "ipm", "dissensus", "label_flip")
 PROTOCOL = ("forged_signature", "missing_signature", "replay", "nan", "wrong_shape", "equivocation")
@@ -63,17 +65,19 @@ def run_one(f: int, attack: str, rule: str) -> dict[str, Any]:
     from d2ora.recipes.simulate_config import SimulateConfig
     from d2ora.trust.audit import verify_run
 
-    folder = OUT / "runs" / name(f, attack, rule)
+    folder = OUT / "grid" / name(f, attack, rule)
     done = folder / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
     started = time.perf_counter()
-    summary = simulate(SimulateConfig(**config_for(f, attack, rule), output_dir=folder), console=Console(quiet=True))
-    report = verify_run(folder)
+    # A repository-relative output_dir, so the committed config.yaml repeats the run from a checkout.
+    summary = simulate(SimulateConfig(**config_for(f, attack, rule), output_dir=folder.relative_to(REPO)),
+                       console=Console(quiet=True))
+    report = verify_run(folder)  # before the ledgers are dropped below
     summary["ledger_verify"] = {"ok": report.ok, "equivocations": [e.message for e in report.equivocations],
                                 "problems": [p.message for p in report.problems][:5]}
     # Keep what the tables need; checkpoints and ledgers are large and reproducible from config.yaml.
-    for heavy in ("checkpoints", "ledger", "plots", "tensorboard"):
+    for heavy in ("checkpoints", "ledger", "plots", "tensorboard", "consensus"):
         shutil.rmtree(folder / heavy, ignore_errors=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"{name(f, attack, rule)}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -89,7 +93,7 @@ def honest_scores(summary: dict[str, Any]) -> tuple[float, float]:
 
 
 def load(f: int, attack: str, rule: str) -> dict[str, Any] | None:
-    path = OUT / "runs" / name(f, attack, rule) / "summary.json"
+    path = OUT / "grid" / name(f, attack, rule) / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -170,7 +174,7 @@ def report() -> None:
     for f in sorted({f for f, _, _ in heat}):
         rules = [r for r in RULES if any((f, a, r) in heat for a in MODEL_ATTACKS)]
         values = [[heat.get((f, a, r), float("nan")) for r in rules] for a in MODEL_ATTACKS]
-        fig, ax = plt.subplots(figsize=(1.3 * len(rules) + 2, 4))
+        fig, ax = plt.subplots(figsize=(0.9 * len(rules) + 3, 4.5))
         image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis")
         ax.set_xticks(range(len(rules)), rules, rotation=35, ha="right")
         ax.set_yticks(range(len(MODEL_ATTACKS)), MODEL_ATTACKS)
@@ -181,7 +185,7 @@ def report() -> None:
         ax.set_title(f"honest mean peer accuracy (%), f = {f}")
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
-        fig.savefig(OUT / f"heatmap_f{f}.png", dpi=120)
+        fig.savefig(OUT / f"heatmap_f{f}.png", dpi=120, bbox_inches="tight")
         plt.close(fig)
     print((OUT / "README.md").read_text())
 
@@ -191,6 +195,7 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only write the tables and heatmaps")
     parser.add_argument("--limit", type=int, default=None, help="run at most this many missing runs")
     args = parser.parse_args()
+    os.chdir(REPO)  # output dirs are repository-relative
     if not args.report:
         todo = [run for run in grid() if load(*run) is None]
         for count, run in enumerate(todo):

@@ -168,3 +168,17 @@ def test_a_resumed_signed_run_rewinds_its_ledgers_and_still_verifies(tmp_path: P
     with pytest.raises(Exception, match="throwaway keys"):
         simulate(tiny_config(tmp_path / "sim", trust="simulated", rounds=1, **FAST))
         simulate(tiny_config(tmp_path / "sim", trust="simulated", rounds=1, **FAST), resume=True)
+
+
+def test_saved_file_digests_work_from_a_relative_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """output_dir is often relative (runs/simulate): the final block names files relative to it."""
+    import hashlib
+
+    from d2ora.recipes.trust_run import folder_digests
+
+    monkeypatch.chdir(tmp_path)
+    target = Path("runs/x/adapters/peer-0/adapter_model.safetensors")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"weights")
+    assert folder_digests(Path("runs/x"), ["adapters/peer-0", "consensus"]) == {
+        "adapters/peer-0/adapter_model.safetensors": hashlib.sha256(b"weights").hexdigest()}

@@ -69,7 +69,8 @@ def config_digest(config: SimulateConfig) -> str:
 
 def folder_digests(root: Path, folders: Iterable[str]) -> dict[str, str]:
     """SHA-256 of every file under ``root/folder`` (relative paths, sorted): what a final block records."""
-    files = [p for folder in folders if (root / folder).is_dir() for p in sorted((root / folder).rglob("*")) if p.is_file()]
+    files = [p.relative_to(root) for folder in folders if (root / folder).is_dir()
+             for p in sorted((root / folder).rglob("*")) if p.is_file()]
     return file_digests(root, files)
 
 
