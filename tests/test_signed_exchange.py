@@ -10,7 +10,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from d2ora.engine.exchange import InMemoryExchange, Inbox, Routes
-from d2ora.engine.round import held_weights, received_groups
+from d2ora.mixers.graph import degree_groups
+from d2ora.engine.round import held_weights
 from d2ora.topology import build_topology, mixing_matrix
 from d2ora.trust.attacks import REJECTED_ONLINE, Adversary, alie_z
 from d2ora.trust.checks import MessageChecker
@@ -173,7 +174,8 @@ def test_rejected_message_leaves_no_trace_in_the_mix() -> None:
     weights = ring_routes().weights
     inbox = Inbox(messages={(j, i): torch.zeros(1) for i in range(PEERS) for j in ring_routes().in_neighbours(i)})
     del inbox.messages[(2, 3)]
-    groups = {i: hood for members, hoods in received_groups(weights, range(PEERS), inbox) for i, hood in zip(members, hoods)}
+    held = degree_groups(weights, range(PEERS), holds=lambda j, i: (j, i) in inbox.messages)
+    groups = {i: hood for members, hoods in held for i, hood in zip(members, hoods)}
     assert groups[3] == [3, 4] and groups[0] == [0, 1, 5]
     kept = held_weights(weights, 3, groups[3])
     assert torch.allclose(kept, torch.tensor([0.5, 0.5], dtype=kept.dtype))

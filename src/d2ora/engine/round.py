@@ -18,7 +18,7 @@ import torch
 from d2ora.engine.exchange import Exchange, Inbox
 from d2ora.engine.host import PeerHost
 from d2ora.mixers.base import Mixer, Neighbourhoods
-from d2ora.mixers.graph import closed_neighbourhood
+from d2ora.mixers.graph import degree_groups
 
 #: Receivers mixed per call are chunked so that their (g, k, numel) neighbourhood buffer stays
 #: below this many values (a complete graph of 64 peers would otherwise stack 64² adapters).
@@ -68,18 +68,6 @@ def _chunks(members: list[int], hoods: list[list[int]], numel: int) -> list[tupl
     return [(members[i : i + size], hoods[i : i + size]) for i in range(0, len(members), size)]
 
 
-def received_groups(weights: torch.Tensor, receivers: range, inbox: Inbox) -> list[tuple[list[int], list[list[int]]]]:
-    """Receivers grouped by the size of what they actually hold: the closed neighbourhood less the
-    in-neighbours whose message is missing (rejected by the trust layer), one batched call each."""
-    groups: dict[int, tuple[list[int], list[list[int]]]] = {}
-    for i in receivers:
-        hood = [j for j in closed_neighbourhood(weights[i], i) if j == i or (j, i) in inbox.messages]
-        members, hoods = groups.setdefault(len(hood), ([], []))
-        members.append(i)
-        hoods.append(hood)
-    return list(groups.values())
-
-
 def held_weights(weights: torch.Tensor, receiver: int, hood: list[int]) -> torch.Tensor:
     """The receiver's weights over what it holds, rescaled to its full row's sum: a rejected
     neighbour's share is spread over the others in proportion, as if it had not been a neighbour."""
@@ -98,7 +86,8 @@ def mix_received(host: PeerHost, plan: RoundPlan, outgoing: torch.Tensor, inbox:
     mixer = plan.mixer
     inputs = host.layer_inputs(key) if mixer.needs_layer_inputs else None
     new = outgoing.clone()
-    for members, hoods in received_groups(plan.weights, host.peer_ids, inbox):
+    # Receivers batched by how many adapters they hold: a rejected message is not in the inbox.
+    for members, hoods in degree_groups(plan.weights, host.peer_ids, holds=lambda j, i: (j, i) in inbox.messages):
         for receivers, nbrs in _chunks(members, hoods, layout.numel):
             flat = torch.stack([
                 torch.stack([outgoing[host.local(j)] if j == i else inbox.messages[(j, i)].to(outgoing.device) for j in hood])

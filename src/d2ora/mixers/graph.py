@@ -7,7 +7,7 @@ benchmarks use to call a mixer on a whole graph).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,12 +23,17 @@ def closed_neighbourhood(row: torch.Tensor, peer: int) -> list[int]:
     return nbrs
 
 
-def degree_groups(weights: torch.Tensor, receivers: Sequence[int]) -> list[tuple[list[int], list[list[int]]]]:
+def degree_groups(weights: torch.Tensor, receivers: Sequence[int],
+                  holds: Callable[[int, int], bool] | None = None) -> list[tuple[list[int], list[list[int]]]]:
     """``receivers`` grouped by closed-neighbourhood size (first-seen order): each group is
-    ``(receivers, their neighbourhoods)``, one batched mixer call."""
+    ``(receivers, their neighbourhoods)``, one batched mixer call. ``holds(j, i)``: whether
+    receiver i holds neighbour j's adapter (a message the trust layer rejected is not held); the
+    receiver itself always is."""
     groups: dict[int, tuple[list[int], list[list[int]]]] = {}
     for i in receivers:
         nbrs = closed_neighbourhood(weights[i], i)
+        if holds is not None:
+            nbrs = [j for j in nbrs if j == i or holds(j, i)]
         members, hoods = groups.setdefault(len(nbrs), ([], []))
         members.append(i)
         hoods.append(nbrs)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from d2ora.engine.exchange import Exchange, Routes
 from d2ora.engine.host import PeerHost
+from d2ora.recipes.session import wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.trust.attacks import Adversary
 from d2ora.trust.checks import CHECKS, MessageChecker, Verdict
@@ -98,8 +99,7 @@ class TrustRun:
         self.roster, self.keys = roster, keys
         layout = host.layout
         self.run_id = run_identity(nonce, config_digest(config), roster.sha256, layout.digest())
-        self.wire_dtype = {"native": layout.dtype, "fp32": torch.float32, "bf16": torch.bfloat16,
-                           "fp16": torch.float16}[config.wire_dtype]
+        self.wire_dtype = wire_dtype(config) or layout.dtype
         (output_dir / LEDGER_DIR).mkdir(parents=True, exist_ok=True)
         if host.peer_ids.start == 0:
             write_roster(output_dir, roster)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from d2ora.distributed import wire
 from d2ora.trust.identity import verify
 
 MAGIC = b"D2ORAENV"
@@ -33,8 +34,8 @@ _HEADER = struct.Struct("<8sq32sqqqqqq32s32s")
 HEADER_BYTES = _HEADER.size  # 160
 SIGNATURE_BYTES = 64
 ENVELOPE_BYTES = HEADER_BYTES + SIGNATURE_BYTES  # 224
-#: Wire dtype codes (never a pickled dtype object); the same codes as the process wire format.
-DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.float64: 4}
+#: Payload dtype codes: the process wire format's own (never a pickled dtype object), floats only.
+DTYPE_CODES: dict[torch.dtype, int] = {d: c for d, c in wire.DTYPE_CODES.items() if d.is_floating_point}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 #: The ledger head a peer signs before its first block exists (never a real SHA-256 of a block).
 NO_HEAD = bytes(32)

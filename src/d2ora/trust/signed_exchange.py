@@ -60,16 +60,14 @@ class SignedExchange:
         self.ledger_head = ledger_head
         self.adversary = adversary
         self.current = TrustRound()
-        self._round: int | None = None
 
     def take_round(self) -> TrustRound:
         """What this round recorded (and start a fresh record)."""
         done, self.current = self.current, TrustRound()
         return done
 
-    def _sign_all(self, outgoing: torch.Tensor, round_index: int, step: int,
+    def _sign_all(self, outgoing: torch.Tensor, row: dict[int, int], round_index: int, step: int,
                   payloads: Payloads | None) -> tuple[dict[tuple[int, int], bytes], dict[tuple[int, int], torch.Tensor]]:
-        row = {peer: k for k, peer in enumerate(self.hosted)}
         replaced: dict[tuple[int, int], torch.Tensor] = dict(payloads or {})
         if self.adversary is not None:
             replaced.update(self.adversary.payloads({j: outgoing[row[j]] for j in self.hosted}, round_index, step))
@@ -104,14 +102,14 @@ class SignedExchange:
                  attachments: Attachments | None = None, payloads: Payloads | None = None) -> Inbox:
         if attachments:
             raise ValueError("the trust layer owns the attachments: it cannot wrap a wrapper that sets them")
+        row = {peer: k for k, peer in enumerate(self.hosted)}
         tick = time.perf_counter()
-        signed, replaced = self._sign_all(outgoing, round_index, step, payloads)
+        signed, replaced = self._sign_all(outgoing, row, round_index, step, payloads)
         self.current.seconds["sign"] += time.perf_counter() - tick
         inbox = self.inner.exchange(outgoing, round_index, step, attachments=signed, payloads=replaced or None)
         tick = time.perf_counter()
         checked = Inbox(payload_bytes=inbox.payload_bytes, wire_bytes=inbox.wire_bytes)
         self.checker.start_slot(round_index, step)
-        row = {peer: k for k, peer in enumerate(self.hosted)}
         links = sorted(set(inbox.messages) | set(inbox.bad_frames))
         accepted_by: dict[int, dict[int, torch.Tensor]] = {}
         for link_sender, receiver in links:
