@@ -193,9 +193,9 @@ def _insert_block(conn: sqlite3.Connection, block: Block) -> None:
 
 def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; every write below opens its own BEGIN
-    # IMMEDIATE, so "one append = one transaction" is explicit. check_same_thread=False because
-    # the records subscriber that appends may run on another thread than the one that opened the
-    # ledger; a lock serialises the calls.
+    # IMMEDIATE, so "one append = one transaction" is explicit. check_same_thread=False so that a
+    # caller may append from another thread than the one that opened the ledger (d2ora appends from
+    # the rounds loop itself); a lock serialises the calls.
     # quote(): a folder named like "run #2?" must not end the path part of the URI early.
     uri = f"file:{quote(path.resolve().as_posix())}?mode={'ro' if read_only else 'rw'}"
     return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
