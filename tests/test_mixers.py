@@ -24,9 +24,9 @@ from d2ora.mixers.dimat import align_factors
 F64 = torch.float64
 
 
-def run_mix(mixer, layers, weights, dense=None, layer_inputs=None):
+def run_mix(mixer, layers, weights, dense=None, layer_inputs=None, base_weights=None):
     """Every peer of (P, ...) stacks mixed over a (P, P) matrix: one per-neighbourhood call per degree."""
-    return mix_stacks(mixer, layers, weights, dense=dense, layer_inputs=layer_inputs)
+    return mix_stacks(mixer, layers, weights, dense=dense, layer_inputs=layer_inputs, base_weights=base_weights)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -383,6 +383,7 @@ def _inputs(dora: bool, dtype=F64) -> dict:
         dense={"head": torch.randn(4, 3, 7, dtype=dtype)},
         weights=ring_weights(4),
         layer_inputs=lambda peer, layer: torch.randn(32, 7, dtype=dtype),
+        base_weights={"q": torch.randn(9, 7, dtype=dtype), "v": torch.randn(5, 7, dtype=dtype)},
     )
 
 
@@ -409,7 +410,7 @@ def test_gossip_mixers_mix_dense_and_magnitude_linearly(name):
     torch.testing.assert_close(out.layers["q"].magnitude, w @ inputs["layers"]["q"].magnitude)
 
 
-@pytest.mark.parametrize("name", ["d2ora", "decaf", "dimat"])
+@pytest.mark.parametrize("name", ["d2ora", "decaf", "dimat", "dora_exact"])
 def test_bf16_stacks_keep_their_dtype(name):
     out = run_mix(make_mixer(name), **_inputs(True, dtype=torch.bfloat16))
     assert out.layers["q"].lora_a.dtype == torch.bfloat16
@@ -424,11 +425,11 @@ def test_wrong_mixing_matrix_shape_is_an_error():
 
 
 def test_make_mixer_registry():
-    assert set(MIXERS) == {"d2ora", "decaf", "dimat", "fedavg", "local"}
+    assert set(MIXERS) == {"d2ora", "decaf", "dimat", "dora_exact", "fedavg", "fedavg_exact", "fedavg_products", "local"}
     for name, cls in MIXERS.items():
         mixer = make_mixer(name)
         assert isinstance(mixer, cls) and mixer.name == name
-    with pytest.raises(ValueError, match="unknown mixer 'gossip'.*d2ora, decaf, dimat, fedavg, local"):
+    with pytest.raises(ValueError, match="unknown mixer 'gossip'.*d2ora, decaf, dimat, dora_exact, fedavg, fedavg_exact, fedavg_products, local"):
         make_mixer("gossip")
     assert MIXERS["decaf"].factors_replaced and not MIXERS["d2ora"].factors_replaced
     assert MIXERS["dimat"].needs_layer_inputs and not MIXERS["decaf"].needs_layer_inputs

@@ -192,3 +192,21 @@ def test_a_diverging_peer_stops_the_run_with_one_line_and_keeps_the_logged_round
     assert result.exit_code == 2, result.output
     assert "diverged" in result.output and "Traceback" not in result.output
     assert read_rows(tmp_path)[0]["round"] == 0  # round 0 was logged before training began
+
+
+def test_dora_exact_run_ends_round_one_closer_in_merged_weights_than_decaf(decaf_run, tmp_path: Path) -> None:
+    """Same seed, so round 1's local training is identical; DoRA-exact's mix leaves the peers'
+    merged weights closer together than DeCAF's (it fits the mean merged weight, not the mean product)."""
+    out, _ = decaf_run
+    exact = read_rows(_run(tmp_path, mixer="dora_exact", rounds=1))[1]
+    decaf = read_rows(out)[1]
+    assert exact["train_loss"] == decaf["train_loss"]
+    assert exact["consensus_distance"]["merged"] < decaf["consensus_distance"]["merged"]
+
+
+@pytest.mark.parametrize("mixer", ["fedavg_products", "fedavg_exact"])
+def test_server_rules_over_products_leave_every_peer_on_the_servers_adapter(mixer: str, tmp_path: Path) -> None:
+    summary = simulate(tiny_config(tmp_path, mixer=mixer, rounds=1, eval_peers=False, save_merged=False))
+    assert summary["final"]["bytes_sent_total"] == TINY["peers"] * (TINY["peers"] - 1) * summary["message_bytes"]
+    distances = summary["final"]["consensus_distance"]
+    assert distances["product"] < 1e-10 and distances["merged"] < 1e-8

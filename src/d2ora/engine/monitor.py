@@ -38,9 +38,11 @@ def consensus_rule(mixer: Mixer) -> Mixer:
 
 
 def consensus_adapter(layout: AdapterLayout, all_flat: torch.Tensor, mixer: Mixer,
-                      layer_inputs: LayerInputs | None = None) -> torch.Tensor:
+                      layer_inputs: LayerInputs | None = None,
+                      base_weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Peer 0's mix of every peer's adapter ``(P, numel)`` with weights 1/P: the flat consensus
-    adapter ``(numel,)``. ``layer_inputs(0, layer)``: peer 0's own inputs (DIMAT)."""
+    adapter ``(numel,)``. ``layer_inputs(0, layer)``: peer 0's own inputs (DIMAT); ``base_weights``:
+    the frozen W0 per layer (DoRA-exact)."""
     peers = all_flat.shape[0]
     if peers == 1:
         return all_flat[0].clone()
@@ -50,6 +52,7 @@ def consensus_adapter(layout: AdapterLayout, all_flat: torch.Tensor, mixer: Mixe
     hood = Neighbourhoods(
         layers=layers, dense=dense, weights=torch.full((1, peers), 1.0 / peers, dtype=weight_dtype),
         own=torch.zeros(1, dtype=torch.long), layer_inputs=layer_inputs if rule.needs_layer_inputs else None,
+        base_weights=base_weights,
     )
     out = rule.mix(hood)
     return layout.flatten_stacks(out.layers, out.dense)[0]
@@ -85,7 +88,8 @@ class ConsensusMonitor:
         if consensus_rule(self.mixer).needs_layer_inputs:
             inputs = host.layer_inputs((round_index, CONSENSUS_STEP))
         adapter = consensus_adapter(host.layout, all_flat, self.mixer,
-                                    None if inputs is None else (lambda row, layer: inputs(0, layer)))
+                                    None if inputs is None else (lambda row, layer: inputs(0, layer)),
+                                    host.peer_model.base_weights())
         with host.peer_model.holding(host.local(0), adapter):
             test = evaluate_peers(host.peer_model, host.task, self.test_batches, host.device, peers=[host.local(0)])[0]
         layers, _ = host.layout.unflatten(all_flat)

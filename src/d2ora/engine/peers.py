@@ -132,6 +132,10 @@ class PeerModel:
         }
         return layers, dense
 
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """Every adapted layer's frozen W0 ``(out, in)`` (shared by all peers; for DoRA-exact mixing)."""
+        return {name: layer.weight0 for name, layer in self.layers.items()}
+
     @contextlib.contextmanager
     def holding(self, peer: int, flat: torch.Tensor) -> Iterator[PeerModel]:
         """Peer ``peer`` temporarily holds the flat adapter ``flat`` (numel,); its own comes back after."""

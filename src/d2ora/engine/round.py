@@ -86,6 +86,7 @@ def mix_received(host: PeerHost, plan: RoundPlan, outgoing: torch.Tensor, inbox:
     mixer = plan.mixer
     inputs = host.layer_inputs(key) if mixer.needs_layer_inputs else None
     new = outgoing.clone()
+    base = host.peer_model.base_weights()
     # Receivers batched by how many adapters they hold: a rejected message is not in the inbox.
     for members, hoods in degree_groups(plan.weights, host.peer_ids, holds=lambda j, i: (j, i) in inbox.messages):
         for receivers, nbrs in _chunks(members, hoods, layout.numel):
@@ -100,7 +101,8 @@ def mix_received(host: PeerHost, plan: RoundPlan, outgoing: torch.Tensor, inbox:
             if inputs is not None:
                 def layer_inputs(row: int, layer: str, _receivers: list[int] = receivers) -> torch.Tensor:
                     return inputs(_receivers[row], layer)
-            out = mixer.mix(Neighbourhoods(layers=layers, dense=dense, weights=weights, own=own, layer_inputs=layer_inputs))
+            out = mixer.mix(Neighbourhoods(layers=layers, dense=dense, weights=weights, own=own, layer_inputs=layer_inputs,
+                                           base_weights=base))
             new[[host.local(i) for i in receivers]] = layout.flatten_stacks(out.layers, out.dense).to(new.dtype)
     return new
 

@@ -12,14 +12,21 @@ from d2ora.mixers.base import LayerInputs, LayerStack, Mixer, MixOutput, Neighbo
 from d2ora.mixers.d2ora import D2oraMixer
 from d2ora.mixers.decaf import DecafMixer
 from d2ora.mixers.dimat import DimatMixer
-from d2ora.mixers.fedavg import FedAvgMixer
+from d2ora.mixers.dora_exact import DoraExactMixer
+from d2ora.mixers.fedavg import FedAvgExactMixer, FedAvgMixer, FedAvgProductsMixer
 from d2ora.mixers.graph import closed_neighbourhood, degree_groups, mix_stacks
 from d2ora.mixers.local import LocalMixer
 from d2ora.mixers.robust import ROBUST_RULES, RobustMixer, make_robust
 
 MIXERS: dict[str, type] = {
-    cls.name: cls for cls in (D2oraMixer, DecafMixer, DimatMixer, FedAvgMixer, LocalMixer)
+    cls.name: cls
+    for cls in (D2oraMixer, DecafMixer, DoraExactMixer, DimatMixer, FedAvgMixer, FedAvgProductsMixer, FedAvgExactMixer, LocalMixer)
 }
+
+
+def is_federated(name: str) -> bool:
+    """Whether mixer ``name`` is a FedAvg rule: every peer mixes all adapters with the server's weights."""
+    return bool(getattr(MIXERS.get(name), "federated", False))
 
 
 def make_mixer(name: str, **kwargs: Any) -> Mixer:
@@ -38,6 +45,9 @@ __all__ = [
     "D2oraMixer",
     "DecafMixer",
     "DimatMixer",
+    "DoraExactMixer",
+    "FedAvgExactMixer",
+    "FedAvgProductsMixer",
     "FedAvgMixer",
     "LayerInputs",
     "LayerStack",
@@ -48,6 +58,7 @@ __all__ = [
     "RobustMixer",
     "closed_neighbourhood",
     "degree_groups",
+    "is_federated",
     "mix_stacks",
     "make_mixer",
     "make_robust",

@@ -1,7 +1,7 @@
 """The mixer interface: one aggregation rule per class, seeing only what a real peer can know.
 
 A receiving peer i knows its own adapter, the adapters its in-neighbours sent it, its own row of
-mixing weights and (for DIMAT) its own data. A mixer gets exactly that, for a batch of receivers
+mixing weights, the frozen base model every peer shares and (for DIMAT) its own data. A mixer gets exactly that, for a batch of receivers
 whose closed neighbourhoods have the same size k (so e.g. every peer of a ring is one batched
 call): every tensor carries two leading dims ``(g, k)`` (receiver, neighbour), ``weights[g, k]``
 is the weight receiver g gives its k-th neighbour, and ``own[g]`` says which of the k is the
@@ -48,6 +48,10 @@ class Neighbourhoods:
     own: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))
     #: For activation-matching mixers (DIMAT); None when not available.
     layer_inputs: LayerInputs | None = None
+    #: Each adapted layer's frozen base weight W0 ``(out, in)``, shared by every peer (no leading
+    #: dims): what DoRA-exact consensus needs for the row norms ||W0 + s·B_j A_j||_c. Every peer
+    #: holds the same pretrained model, so a real peer knows it; None where not supplied.
+    base_weights: dict[str, torch.Tensor] | None = None
 
     @property
     def receivers(self) -> int:

@@ -63,12 +63,15 @@ def decaf_factors(
     weights: torch.Tensor,
     scaling: float,
     rank: int | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New ``(B, A)`` with ``s · B A = TSVD_rank(Σ_j w_j · s · B_j A_j)``, computed factored.
 
     Shapes: ``lora_b`` ``(.., k, out, r)``, ``lora_a`` ``(.., k, r, in)``, ``weights`` ``(.., k)``; the
     leading dims batch independent peers. Returns ``B (.., out, rank)`` and ``A (.., rank, in)``
-    (``rank`` defaults to r), in the compute dtype (at least fp32).
+    (``rank`` defaults to r), in the compute dtype (at least fp32). ``row_scale`` ``(.., k, out)``,
+    when given, also scales row o of neighbour j's product: the matrix factored is then
+    ``Σ_j w_j · s · diag(row_scale_j) B_j A_j`` (DoRA-exact consensus weights rows by g_j).
 
     How s is handled: the pair (B, A) represents M/s (the layer applies s·BA), so the singular
     values of M are divided by s before being split: B = U √(Σ/s), A = √(Σ/s) Vᵀ, hence
@@ -106,6 +109,8 @@ def decaf_factors(
     w = weights.to(device=b.device, dtype=dtype)
 
     left = (w[..., None, None] * scaling) * b  # (.., k, out, r)
+    if row_scale is not None:
+        left = left * row_scale.to(device=b.device, dtype=dtype).unsqueeze(-1)
     left = left.movedim(-3, -2).reshape(*batch, out, k * r)  # [w_1 s B_1, ..., w_k s B_k]
     right = a.reshape(*batch, k * r, n_in)  # [A_1; ...; A_k]
     u, s, v = factored_svd(left, right, rank)

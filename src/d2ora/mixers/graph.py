@@ -56,10 +56,11 @@ def mix_stacks(
     weights: torch.Tensor,
     dense: dict[str, torch.Tensor] | None = None,
     layer_inputs: LayerInputs | None = None,
+    base_weights: dict[str, torch.Tensor] | None = None,
 ) -> MixOutput:
     """Every peer of ``(P, ...)`` stacks mixed by ``mixer`` with the (P, P) matrix ``weights``
     (row i: peer i's weights), one call per neighbourhood size; returns (P, ...) stacks.
-    ``layer_inputs(peer, layer)`` is indexed by global peer."""
+    ``layer_inputs(peer, layer)`` is indexed by global peer; ``base_weights``: W0 per layer."""
     dense = dense or {}
     peers = weights.shape[0]
     if weights.shape != (peers, peers):
@@ -85,6 +86,7 @@ def mix_stacks(
             layers={name: gather_stack(s, index) for name, s in layers.items()},
             dense={name: t[index] for name, t in dense.items()},
             weights=weights[rows.unsqueeze(-1), index], own=own, layer_inputs=local_inputs,
+            base_weights=base_weights,
         )
         mixed = mixer.mix(hood)
         for name, stack in mixed.layers.items():

@@ -31,7 +31,7 @@ from d2ora.engine.host import PeerHost
 from d2ora.engine.local_steps import LocalTrainer
 from d2ora.engine.peers import PeerModel
 from d2ora.engine.round import RoundPlan
-from d2ora.mixers import FedAvgMixer, LocalMixer, Mixer, make_mixer
+from d2ora.mixers import LocalMixer, Mixer, is_federated, make_mixer
 from d2ora.mixers.robust import check_neighbourhood, make_robust
 from d2ora.models import LoadedModel, head_modules, load_model
 from d2ora.recipes.simulate_config import SimulateConfig
@@ -143,13 +143,13 @@ def build_network(config: SimulateConfig, shard_sizes: list[int]) -> Network:
     peers = len(shard_sizes)
     if config.centralized:
         return Network(LocalMixer(), torch.ones(1, 1), 0, "centralized: 1 peer on the pooled data", 1.0)
-    if config.mixer == "fedavg":
+    if is_federated(config.mixer):
         # The server is a coordinator outside the P data holders; FedAvg weighs peers by data size.
         # One mix is exact (repeating it would only resend the average).
         weights = torch.as_tensor(topo.fedavg_weights(shard_sizes), dtype=torch.float32)
-        line = (f"fedavg: every peer receives all {peers} adapters and takes the server's average "
+        line = (f"{config.mixer}: every peer receives all {peers} adapters and takes the server's average "
                 "(weighted by shard size; no server process)")
-        return Network(robust_variant(config, FedAvgMixer(), weights), weights, 1, line, 1.0)
+        return Network(robust_variant(config, make_mixer(config.mixer), weights), weights, 1, line, 1.0)
     graph = topo.build_topology(config.topology, peers, **config.topology_params)
     w = topo.mixing_matrix(graph, config.mixing)
     summary = topo.summarize(graph, w)
