@@ -5,8 +5,9 @@ name and renames it into place when complete, then points ``latest`` at it; the 
 are kept. A folder holds:
 
 - ``state.safetensors``: the hosted peers' flat adapters, AdamW's moments and step counts, the
-  samplers' epoch orders, torch's RNG states (CPU, and the GPU's when training there) and (in the
-  monitor's process) the last consensus adapter;
+  samplers' epoch orders, torch's RNG states (CPU, and the GPU's when training there), the drift
+  correction's momentum or tracking vector (``drift: qgm | kgt``) and (in the monitor's process) the
+  last consensus adapter;
 - ``state.json``: round counters, the scheduler, the samplers' generator states, the result-relevant
   config, the layout digest, the metrics rows so far (monitor), and the SHA-256 of the tensor file.
 
@@ -110,6 +111,9 @@ class Checkpointer:
             tensors["rng.cuda"] = torch.cuda.get_rng_state(host.device)
         if state.consensus is not None:
             tensors["consensus"] = state.consensus.detach().cpu().contiguous()
+        correction = host.trainer.correction
+        if correction is not None and correction.state is not None:  # QGM's momentum / K-GT's tracking
+            tensors["drift"] = correction.state.detach().cpu().contiguous()
         return tensors
 
     def _meta(self, state: LoopState, rows: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -224,6 +228,11 @@ class Checkpointer:
         scheduler = host.trainer.scheduler
         for key, value in meta["scheduler"].items():
             setattr(scheduler, key, value)
+        correction = host.trainer.correction
+        if correction is not None and correction.state is not None:
+            if "drift" not in tensors:
+                raise CheckpointError(f"{folder} holds no drift-correction state ({correction.method})")
+            correction.load_state(tensors["drift"])
         orders = {k.removeprefix("sampler."): v.numpy() for k, v in tensors.items() if k.startswith("sampler.")}
         host.sampler.load_state(meta["sampler"], orders)
         torch.set_rng_state(tensors["rng.torch"])

@@ -173,6 +173,8 @@ class LocalTrainer:
             raise ValueError(f"group_size must be at least 1, got {group_size}")
         self.device = torch.device(device)
         self.base_dropout = base_dropout
+        #: Drift correction hooks (``d2ora.engine.drift.LocalCorrection``); None: plain local steps.
+        self.correction: Any = None
 
     def _train_mode(self) -> None:
         """Adapters train; the frozen base runs in eval mode unless ``base_dropout``.
@@ -211,10 +213,15 @@ class LocalTrainer:
                 peer_losses = self.task.peer_losses(model, batch, group.stop - group.start)
             peer_losses.sum().backward()
             losses[group] = peer_losses.detach().float().cpu()
+        if self.correction is not None:
+            self.correction.adjust_gradients()  # FedProx's proximal gradient, clipped with the rest
         if self.max_grad_norm is not None:
             clip_per_peer_(self.params, self.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's rate (the scheduler moves it next)
         self.optimizer.step()
         self.scheduler.step()
+        if self.correction is not None:
+            self.correction.adjust_parameters(lr)
         return losses
 
     def reset_factor_moments(self) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from d2ora.engine.exchange import Exchange, Inbox
 from d2ora.engine.host import PeerHost
 from d2ora.mixers.base import Mixer, Neighbourhoods
+from d2ora.mixers.d2ora import D2oraMixer
 from d2ora.mixers.graph import degree_groups
 
 #: Receivers mixed per call are chunked so that their (g, k, numel) neighbourhood buffer stays
@@ -111,6 +112,9 @@ def run_round(host: PeerHost, exchange: Exchange, plan: RoundPlan, round_index: 
               on_step: Callable[[torch.Tensor], None] | None = None) -> HostRound:
     """Round ``round_index`` (1-based) of the hosted peers; ``on_step(losses)`` after each local step."""
     hosted = len(host.peer_ids)
+    correction = host.trainer.correction
+    if correction is not None:
+        correction.begin_round()
     started = time.perf_counter()
     loss_sum = torch.zeros(hosted)
     samples = [0] * hosted
@@ -126,17 +130,30 @@ def run_round(host: PeerHost, exchange: Exchange, plan: RoundPlan, round_index: 
     payload = [0] * hosted
     wire = 0
     exchange_s = mix_s = 0.0
+    # K-GT: each peer's local update Δ travels as a second message per gossip step (slots after the
+    # model's), mixed linearly with the same weights.
+    own_update = mixed_update = correction.local_update() if correction is not None and correction.sends_update else None
     for step in range(plan.mixing_steps):
         tick = time.perf_counter()
         outgoing = host.peer_model.flat()
         inbox = exchange.exchange(outgoing, round_index, step)
+        inboxes = [inbox]
+        if mixed_update is not None:
+            update_inbox = exchange.exchange(mixed_update, round_index, plan.mixing_steps + step)
+            inboxes.append(update_inbox)
         tock = time.perf_counter()
         host.peer_model.load_flat(mix_received(host, plan, outgoing, inbox, (round_index, step)))
+        if mixed_update is not None:
+            linear = replace(plan, mixer=D2oraMixer())
+            mixed_update = mix_received(host, linear, mixed_update, update_inbox, (round_index, plan.mixing_steps + step))
         exchange_s += tock - tick
         mix_s += time.perf_counter() - tock
-        for k, peer in enumerate(host.peer_ids):
-            payload[k] += inbox.payload_bytes.get(peer, 0)
-        wire += inbox.wire_bytes
+        for box in inboxes:
+            for k, peer in enumerate(host.peer_ids):
+                payload[k] += box.payload_bytes.get(peer, 0)
+            wire += box.wire_bytes
+    if correction is not None and plan.mixing_steps:
+        correction.finish_round(own_update, mixed_update)
     if plan.mixing_steps and plan.mixer.factors_replaced:
         host.trainer.reset_factor_moments()
     return HostRound(

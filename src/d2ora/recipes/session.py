@@ -31,6 +31,7 @@ from d2ora.engine.host import PeerHost
 from d2ora.engine.local_steps import LocalTrainer
 from d2ora.engine.peers import PeerModel
 from d2ora.engine.round import RoundPlan
+from d2ora.engine.drift import LocalCorrection
 from d2ora.mixers import LocalMixer, Mixer, is_federated, make_mixer
 from d2ora.mixers.robust import check_neighbourhood, make_robust
 from d2ora.models import LoadedModel, head_modules, load_model
@@ -230,6 +231,9 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
         weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
         group_size=min(config.group_size(device), len(hosted)), base_dropout=config.base_dropout, device=device,
     )
+    if config.drift != "none" or config.prox_mu > 0:
+        trainer.correction = LocalCorrection(peer_model, config.drift, beta=config.drift_beta, prox_mu=config.prox_mu,
+                                             factors_replaced=network.mixer.factors_replaced)
     host = PeerHost(
         hosted, peer_model, trainer, data.train_rows, [data.train_shards[k] for k in hosted], task, collate, device,
         batch_size=config.peer_batch_size, seed=config.seed, align_examples=config.dimat_examples,

@@ -99,6 +99,9 @@ class SimulateConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warm-up; then linear decay to 0.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Per-peer gradient clipping (null: none).")
+    drift: str = Field("none", description="Drift correction of the local steps (d2ora.engine.drift): none, qgm (quasi-global momentum, no extra bytes) or kgt (gradient tracking with local steps; doubles the bytes).")
+    drift_beta: float = Field(0.9, ge=0, lt=1, description="qgm: the quasi-global momentum's β.")
+    prox_mu: float = Field(0.0, ge=0, description="FedProx: weight μ of the proximal term μ/2·||x − x_round_start||² in every local step (0: none).")
     peer_group_size: int | None = Field(
         None, ge=1,
         description="Peers per forward pass (bounds activation memory); null: all peers on a GPU, and on a CPU as many "
@@ -166,6 +169,16 @@ class SimulateConfig(BaseModel):
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
 
+    @field_validator("drift")
+    @classmethod
+    def _known_drift(cls, value: str) -> str:
+        from d2ora.engine.drift import DRIFT_METHODS
+
+        key = _key(value)
+        if key not in DRIFT_METHODS:
+            raise ValueError(f"unknown drift {value!r}; choose one of {', '.join(DRIFT_METHODS)}")
+        return key
+
     @field_validator("robust", "attack")
     @classmethod
     def _known_trust_name(cls, value: str, info: ValidationInfo) -> str:
@@ -183,7 +196,16 @@ class SimulateConfig(BaseModel):
         if self.peer_group_size is not None and self.peer_group_size > self.peers:
             raise ValueError(f"peer_group_size={self.peer_group_size} exceeds peers={self.peers}")
         self._check_trust()
+        self._check_drift()
         return self
+
+    def _check_drift(self) -> None:
+        if self.drift == "none":
+            return
+        if self.centralized or self.mixer == "local":
+            raise ValueError(f"drift: {self.drift} corrects peers towards their neighbours; mode centralized and mixer local have none (use prox_mu, or drift: none)")
+        if self.drift == "kgt" and self.robust != "none":
+            raise ValueError("drift: kgt mixes the peers' updates linearly, outside the robust rule: use it with robust: none")
 
     def _check_trust(self) -> None:
         if (self.attack == "none") != (not self.byzantine):
@@ -214,10 +236,15 @@ class SimulateConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """The method's name in reports: the mixer (with its robust rule), or 'centralized'."""
+        """The method's name in reports: the mixer (with its robust rule, drift correction and FedProx
+        μ, e.g. 'decaf+kgt+prox0.01'), or 'centralized'."""
         if self.centralized:
             return CENTRALIZED
-        return self.mixer if self.robust == "none" else f"{self.mixer}+{self.robust}"
+        parts = [self.mixer]
+        parts += [self.robust] if self.robust != "none" else []
+        parts += [self.drift] if self.drift != "none" else []
+        parts += [f"prox{self.prox_mu:g}"] if self.prox_mu > 0 else []
+        return "+".join(parts)
 
     @property
     def honest_peers(self) -> list[int]:
