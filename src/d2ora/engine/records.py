@@ -35,10 +35,22 @@ class Evaluation:
         values = [self.peer_test[k][self.metric] for k in scored]
         return {self.metric: sum(values) / len(values), "min": min(values), "max": max(values)}
 
+    @property
+    def mean_peer_val(self) -> Metrics | None:
+        """Mean, min and max over the honest peers of each peer's score on its own held-out split
+        (its local distribution: the personalized view). Under label skew this partly rewards
+        learning the peer's label prior, so it is reported beside the global test scores, never alone."""
+        scored = range(len(self.peer_val)) if self.honest is None else self.honest
+        values = [self.peer_val[k][self.metric] for k in scored if k < len(self.peer_val) and self.peer_val[k] is not None]
+        if not values:
+            return None
+        return {self.metric: sum(values) / len(values), "min": min(values), "max": max(values)}
+
     def to_row(self) -> dict[str, Any]:
         row = {
             "peer_test": self.peer_test,
             "mean_peer_test": self.mean_peer_test,
+            "mean_peer_val": self.mean_peer_val,
             "consensus_test": self.consensus_test,
             "peer_val": self.peer_val,
             "consensus_distance": self.consensus_distance,

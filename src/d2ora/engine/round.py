@@ -17,6 +17,7 @@ import torch
 
 from d2ora.engine.exchange import Exchange, Inbox
 from d2ora.engine.host import PeerHost
+from d2ora.engine.share import shared_mask
 from d2ora.mixers.base import Mixer, Neighbourhoods
 from d2ora.mixers.d2ora import D2oraMixer
 from d2ora.mixers.graph import degree_groups
@@ -39,6 +40,7 @@ class RoundPlan:
     local_steps: int
     mixing_steps: int  # 0: no communication (local training, centralized)
     sequential: bool = False
+    share: str = "all"  # what travels (d2ora.engine.share); the other parts are kept as they are
 
 
 @dataclass
@@ -105,6 +107,9 @@ def mix_received(host: PeerHost, plan: RoundPlan, outgoing: torch.Tensor, inbox:
             out = mixer.mix(Neighbourhoods(layers=layers, dense=dense, weights=weights, own=own, layer_inputs=layer_inputs,
                                            base_weights=base))
             new[[host.local(i) for i in receivers]] = layout.flatten_stacks(out.layers, out.dense).to(new.dtype)
+    if plan.share != "all":  # the parts a peer keeps are its own, bit for bit, whatever the rule did
+        kept = ~shared_mask(layout, plan.share).to(new.device)
+        new[:, kept] = outgoing[:, kept]
     return new
 
 

@@ -26,9 +26,10 @@ from d2ora.distributed.group import DistributedSetupError, Group, agree, note_fa
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
 from d2ora.engine.exchange import Exchange, Routes
 from d2ora.engine.host import peer_block
+from d2ora.engine.share import message_numel
 from d2ora.engine.loop import LoopState
 from d2ora.recipes.process_run import describe_setup, run_rounds_and_report
-from d2ora.recipes.session import build_network, open_session, wire_dtype
+from d2ora.recipes.session import build_network, open_session, share_parts, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, load_identities, stored_nonce
 from d2ora.trust.envelope import ENVELOPE_BYTES
@@ -108,7 +109,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         shutil.rmtree(checkpointer.directory, ignore_errors=True)
     routes = Routes(network.weights)
     trusted = config.trust != "off"
-    exchange: Exchange = DistributedExchange(routes, host.peer_ids, owner, group, host.layout.numel, host.layout.dtype,
+    exchange: Exchange = DistributedExchange(routes, host.peer_ids, owner, group, message_numel(host.layout, config.share), host.layout.dtype,
                                              wire_dtype(config), attachment_bytes=ENVELOPE_BYTES if trusted else 0)
     trust = None
     if trusted:
@@ -121,6 +122,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         exchange = trust.wrap(exchange)
     elif round_to_resume is None and group.is_root:
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one
+    exchange = share_parts(config, host.layout, exchange)
     return run_rounds_and_report(
         session, output_dir, exchange=exchange, collector=DistributedCollector(group, blocks, peers),
         checkpointer=checkpointer, state=state, rows=rows, resumed=round_to_resume is not None, console=shown,

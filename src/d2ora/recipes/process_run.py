@@ -20,6 +20,7 @@ from d2ora.engine.exchange import Exchange, wire_itemsize
 from d2ora.engine.loop import Collector, LoopState, RoundLoop
 from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.monitor import ConsensusMonitor
+from d2ora.engine.share import message_numel
 from d2ora.engine.tensorboard_log import TensorBoardLog
 from d2ora.recipes.console_view import ConsoleView
 from d2ora.recipes.trust_run import LEDGER_DIR, TrustRun, folder_digests, rejection_summary
@@ -48,10 +49,10 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
     """What summary.json holds (the report and ``d2ora compare`` read it)."""
     config, data = session.config, session.data
     layout = session.host.layout
-    message_bytes = layout.numel * wire_itemsize(layout.dtype, wire_dtype(config))
+    message_bytes = message_numel(layout, config.share) * wire_itemsize(layout.dtype, wire_dtype(config))
     return {
         "name": config.run_name, "mixer": "centralized" if config.centralized else config.mixer,
-        "robust": config.robust, "drift": config.drift, "prox_mu": config.prox_mu, "attack": config.attack, "byzantine": config.byzantine, "method": config.method, "r": config.r, "model": config.model_name,
+        "robust": config.robust, "share": config.share, "drift": config.drift, "prox_mu": config.prox_mu, "attack": config.attack, "byzantine": config.byzantine, "method": config.method, "r": config.r, "model": config.model_name,
         "task": config.task, "metric": data.task.metric, "higher_is_better": data.task.higher_is_better, "peers": session.peers,
         "topology": session.network.description, "spectral_gap": session.network.spectral_gap,
         "partition": config.partition_label(), "rounds": config.rounds, "local_steps": config.local_steps,

@@ -32,6 +32,9 @@ from d2ora.engine.local_steps import LocalTrainer
 from d2ora.engine.peers import PeerModel
 from d2ora.engine.round import RoundPlan
 from d2ora.engine.drift import LocalCorrection
+from d2ora.engine.exchange import Exchange
+from d2ora.engine.layout import AdapterLayout
+from d2ora.engine.share import SharedPartsExchange, shared_mask
 from d2ora.mixers import LocalMixer, Mixer, is_federated, make_mixer
 from d2ora.mixers.robust import check_neighbourhood, make_robust
 from d2ora.models import LoadedModel, head_modules, load_model
@@ -137,7 +140,7 @@ class Network:
 
     def plan(self, config: SimulateConfig) -> RoundPlan:
         return RoundPlan(mixer=self.mixer, weights=self.weights, local_steps=config.local_steps,
-                         mixing_steps=self.mixing_steps, sequential=config.sequential)
+                         mixing_steps=self.mixing_steps, sequential=config.sequential, share=config.share)
 
 
 def build_network(config: SimulateConfig, shard_sizes: list[int]) -> Network:
@@ -181,6 +184,11 @@ def robust_variant(config: SimulateConfig, mixer: Mixer, weights: torch.Tensor) 
 
 def wire_dtype(config: SimulateConfig) -> torch.dtype | None:
     return WIRE_DTYPES[config.wire_dtype]
+
+
+def share_parts(config: SimulateConfig, layout: AdapterLayout, exchange: Exchange) -> Exchange:
+    """``exchange`` sending only the parts ``config.share`` names (itself for ``share: all``)."""
+    return exchange if config.share == "all" else SharedPartsExchange(exchange, shared_mask(layout, config.share))
 
 
 # ---------------------------------------------------------------------------------- the session

@@ -35,7 +35,7 @@ from d2ora.engine.exchange import Exchange, InMemoryExchange, Routes
 from d2ora.engine.loop import LocalCollector, LoopState
 from d2ora.engine.round import DivergedError
 from d2ora.recipes.process_run import CONFIG_FILE, SUMMARY_FILE, describe_setup, run_rounds_and_report
-from d2ora.recipes.session import build_network, open_session, wire_dtype
+from d2ora.recipes.session import build_network, open_session, share_parts, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, load_identities, stored_nonce
 from d2ora.runtime_support import resolve_device, seed_everything
@@ -98,6 +98,7 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
         exchange = trust.wrap(exchange)
     elif not resume:
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one
+    exchange = share_parts(config, host.layout, exchange)
     return run_rounds_and_report(
         session, output_dir, exchange=exchange, collector=LocalCollector(), checkpointer=checkpointer, state=state,
         rows=rows, resumed=resume, console=console, started=started, trust=trust,

@@ -78,6 +78,7 @@ class SimulateConfig(BaseModel):
     mixing: str = Field("metropolis_hastings", description=f"Mixing weights: {', '.join(MIXING_RULES)}.")
     mode: Literal["decentralized", "centralized"] = Field("decentralized", description="'centralized': one peer on the pooled shards with P times the batch (the upper bound; 'mixer: centralized' means the same).")
     mixer: str = Field("decaf", description=f"Aggregation rule: {', '.join(MIXER_CHOICES)}.")
+    share: str = Field("all", description="What each peer sends (d2ora.engine.share): all; direction (B, A and head; m stays local); magnitude (m and head); lora_a (A and head, FedSA-LoRA).")
     mixing_steps: int = Field(1, ge=1, description="Gossip steps per round (each sends every adapter to each neighbour once more).")
     wire_dtype: str = Field("native", description=f"Dtype of adapters in messages: {', '.join(WIRE_DTYPES)} ('bf16': half the bytes of fp32; mixing still runs in fp32).")
 
@@ -169,6 +170,16 @@ class SimulateConfig(BaseModel):
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
 
+    @field_validator("share")
+    @classmethod
+    def _known_share(cls, value: str) -> str:
+        from d2ora.engine.share import SHARE_MODES
+
+        key = _key(value)
+        if key not in SHARE_MODES:
+            raise ValueError(f"unknown share {value!r}; choose one of {', '.join(SHARE_MODES)}")
+        return key
+
     @field_validator("drift")
     @classmethod
     def _known_drift(cls, value: str) -> str:
@@ -197,7 +208,20 @@ class SimulateConfig(BaseModel):
             raise ValueError(f"peer_group_size={self.peer_group_size} exceeds peers={self.peers}")
         self._check_trust()
         self._check_drift()
+        self._check_share()
         return self
+
+    def _check_share(self) -> None:
+        if self.share == "all":
+            return
+        if self.centralized or self.mixer == "local":
+            raise ValueError(f"share: {self.share} chooses what peers send; mode centralized and mixer local send nothing (set share: all)")
+        if self.mixer in ("dora_exact", "fedavg_exact"):
+            raise ValueError(f"mixer {self.mixer} mixes the merged weight, m and B·A together: it needs share: all")
+        if self.share in ("magnitude", "lora_a") and MIXERS[self.mixer].factors_replaced:
+            raise ValueError(f"share: {self.share} keeps B in each peer's own basis, which mixer {self.mixer} re-bases: use d2ora, fedavg or dimat")
+        if self.share == "magnitude" and self.method == "lora":
+            raise ValueError("share: magnitude shares DoRA's magnitudes, and method lora has none")
 
     def _check_drift(self) -> None:
         if self.drift == "none":

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from d2ora.engine.exchange import Exchange, Routes
 from d2ora.engine.host import PeerHost
+from d2ora.engine.share import message_numel
 from d2ora.recipes.session import wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.trust.attacks import Adversary
@@ -128,7 +129,7 @@ class TrustRun:
 
     def wrap(self, inner: Exchange) -> SignedExchange:
         config = self.config
-        checker = MessageChecker(self.roster, self.routes, self.run_id, self.host.layout.numel, self.wire_dtype,
+        checker = MessageChecker(self.roster, self.routes, self.run_id, message_numel(self.host.layout, config.share), self.wire_dtype,
                                  config.max_update_norm)
         adversary = None
         if config.attack not in ("none", "label_flip"):
