@@ -143,3 +143,11 @@ def test_shipped_default_yaml_equals_train_config_defaults() -> None:
 def test_every_train_config_field_is_documented() -> None:
     missing = [name for name, f in TrainConfig.model_fields.items() if not f.description]
     assert not missing
+
+
+def test_a_bare_off_for_trust_is_the_mode_not_a_boolean() -> None:
+    """YAML 1.1 reads `off` as false; `--set trust=off` and the shipped default file must still work."""
+    from d2ora.recipes.simulate_config import SimulateConfig
+
+    assert load_config(SimulateConfig, None, ["trust=off"]).trust == "off"
+    assert load_config(SimulateConfig, None, ["trust=simulated"]).trust == "simulated"

@@ -170,6 +170,12 @@ class SimulateConfig(BaseModel):
     def _known_device(cls, value: str) -> str:
         return check_device_name(value)
 
+    @field_validator("trust", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare ``off`` (``--set trust=off``) as the boolean false."""
+        return "off" if value is False else value
+
     @field_validator("share")
     @classmethod
     def _known_share(cls, value: str) -> str:

@@ -1,0 +1,158 @@
+"""What each label-skew remedy costs per round, against plain DeCAF: seconds and bytes.
+
+Part 1 runs ``d2ora simulate`` once per method, one run right after the other (8 MiniLM peers, ring,
+DoRA r=8, 64 tokens, batch 8): DeCAF (the reference), D²ORA, DoRA-exact, the three FedAvg server
+rules, the drift corrections (QGM, K-GT, FedProx) and a personalized split (share: direction). Each
+row gives the median over rounds 2.. of the round's local-step, exchange and mixing seconds, the
+bytes every peer sends per round, and both as ratios to DeCAF's.
+
+Part 2 times one mixing call of DoRA-exact against DeCAF and D²ORA on MiniLM-shaped random adapters
+(36 layers, r=8, the real shapes, random frozen W0): 8 receivers of a ring (k=3) and one FedAvg
+server mix (k=8). DoRA-exact adds, per neighbour and layer, the factored row norms ||W0 + s·B_jA_j||_c
+(O(out·in·r)) before the same factored TSVD.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/method_cost.py           # ~12 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/method_cost.py --quick   # ~4 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dora_step import machine_info, write_json_atomic  # noqa: E402
+
+from d2ora.mixers import D2oraMixer, DecafMixer, DoraExactMixer, LayerStack, Neighbourhoods  # noqa: E402
+from d2ora.recipes.simulate import simulate  # noqa: E402
+from d2ora.recipes.simulate_config import SimulateConfig  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+#: (label, config changes); the first is the reference every ratio is taken against.
+METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("decaf", {"mixer": "decaf"}),
+    ("d2ora", {"mixer": "d2ora"}),
+    ("dora_exact", {"mixer": "dora_exact"}),
+    ("fedavg", {"mixer": "fedavg"}),
+    ("fedavg_products", {"mixer": "fedavg_products"}),
+    ("fedavg_exact", {"mixer": "fedavg_exact"}),
+    ("decaf+qgm", {"mixer": "decaf", "drift": "qgm"}),
+    ("decaf+kgt", {"mixer": "decaf", "drift": "kgt"}),
+    ("d2ora+kgt", {"mixer": "d2ora", "drift": "kgt"}),
+    ("decaf+prox0.01", {"mixer": "decaf", "prox_mu": 0.01}),
+    ("d2ora, share direction", {"mixer": "d2ora", "share": "direction"}),
+]
+
+
+def run_config(args: argparse.Namespace, changes: dict[str, Any], out: Path) -> SimulateConfig:
+    return SimulateConfig(**{
+        "peers": 8, "topology": "ring", "r": 8, "rounds": args.rounds, "local_steps": args.local_steps,
+        "batch_size": 8, "max_length": 64, "max_train_samples": 800, "max_test_samples": 40, "eval_every": 1000,
+        "eval_peers": False, "save_merged": False, "save_adapters": False, "tensorboard": False,
+        "output_dir": out, **changes,
+    })
+
+
+def end_to_end(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    for label, changes in METHODS:
+        out = args.work / label.replace(" ", "_").replace(",", "")
+        console.print(f"running {label} ...")
+        simulate(run_config(args, changes, out), console=Console(quiet=True))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        timed = [r for r in rows if r["round"] >= 2]
+        seconds = {part: statistics.median(r["round_seconds"][part] for r in timed) for part in ("local", "exchange", "mix")}
+        results.append({"method": label, "config": changes, **{f"{k}_s": v for k, v in seconds.items()},
+                        "round_s": sum(seconds.values()), "bytes_per_round": rows[-1]["bytes_sent_total"] / args.rounds})
+    reference = results[0]
+    for row in results:
+        row["round_ratio"] = row["round_s"] / reference["round_s"]
+        row["mix_ratio"] = row["mix_s"] / reference["mix_s"]
+        row["bytes_ratio"] = row["bytes_per_round"] / reference["bytes_per_round"]
+    return results
+
+
+MINILM_SHAPES = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]  # q, k, v, attn-out, intermediate, output
+
+
+def neighbourhood(g: int, k: int, r: int = 8, seed: int = 0) -> Neighbourhoods:
+    gen = torch.Generator().manual_seed(seed)
+    layers, base = {}, {}
+    for layer in range(6):
+        for j, (out, inp) in enumerate(MINILM_SHAPES):
+            name = f"l{layer}.{j}"
+            base[name] = torch.randn(out, inp, generator=gen) / inp ** 0.5
+            layers[name] = LayerStack(
+                lora_a=torch.randn(g, k, r, inp, generator=gen) * 0.05, lora_b=torch.randn(g, k, out, r, generator=gen) * 0.01,
+                magnitude=1 + 0.01 * torch.randn(g, k, out, generator=gen), scaling=2.0,
+            )
+    dense = {"classifier.weight": torch.randn(g, k, 5, 384, generator=gen)}
+    return Neighbourhoods(layers=layers, dense=dense, weights=torch.full((g, k), 1.0 / k), own=torch.zeros(g, dtype=torch.long),
+                          base_weights=base)
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tick)
+    return min(times)
+
+
+def mixing_times(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
+    rows = []
+    for g, k, label in ((8, 3, "ring, k=3"), (1, 8, "server, k=8")):
+        hood = neighbourhood(g, k)
+        times = {mixer.name: best_of(lambda: mixer.mix(hood), args.repeats) for mixer in (DecafMixer(), D2oraMixer(), DoraExactMixer())}
+        for name, seconds in times.items():
+            rows.append({"neighbourhood": label, "mixer": name, "seconds": seconds, "ratio_to_decaf": seconds / times["decaf"]})
+            console.print(f"{label:12s} {name:10s} {seconds * 1e3:8.1f} ms  ({seconds / times['decaf']:.2f}x decaf)")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="3 rounds of 2 steps, 1 timing repeat")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_methods"))
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "method_cost.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.local_steps, args.repeats = 3, 2, 1
+        if args.out == HERE / "results" / "method_cost.json":
+            args.out = HERE / "results" / "method_cost.quick.json"
+    console = Console(width=160)
+    args.work.mkdir(parents=True, exist_ok=True)
+    e2e = end_to_end(args, console)
+    table = Table(title="8 MiniLM peers, ring, DoRA r=8: per-round cost against plain DeCAF (medians over rounds 2..)")
+    for header in ("method", "local s", "exchange s", "mix s", "round s", "round / decaf", "mix / decaf", "MB / round", "bytes / decaf"):
+        table.add_column(header, justify="right")
+    for row in e2e:
+        table.add_row(row["method"], f"{row['local_s']:.2f}", f"{row['exchange_s']:.3f}", f"{row['mix_s']:.3f}",
+                      f"{row['round_s']:.2f}", f"{row['round_ratio']:.2f}x", f"{row['mix_ratio']:.2f}x",
+                      f"{row['bytes_per_round'] / 1e6:.1f}", f"{row['bytes_ratio']:.2f}x")
+    console.print(table)
+    mixing = mixing_times(args, console)
+    result = {"end_to_end": e2e, "mixing": mixing,
+              "machine": machine_info(int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count())}
+    write_json_atomic(args.out, result)
+    console.print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
