@@ -125,8 +125,10 @@ def assert_same_run(ours: Path, reference: Path, peers: int, tolerance: float = 
     [
         (4, {"peers": 4, "mixer": "decaf"}),  # one peer per process: every message crosses processes
         (2, {"peers": 8, "mixer": "dimat", "wire_dtype": "bf16"}),  # four per process: ring neighbours in and across
+        # K-GT's second message per step, and messages cut to the shared entries (m stays local).
+        (2, {"peers": 4, "mixer": "d2ora", "drift": "kgt", "share": "direction"}),
     ],
-    ids=["4x1-decaf", "2x4-dimat-bf16"],
+    ids=["4x1-decaf", "2x4-dimat-bf16", "2x2-d2ora-kgt-direction"],
 )
 def test_processes_end_with_the_simulators_adapters_and_metrics(tiny_bert_dir: str, tmp_path: Path, procs: int,
                                                                  changes: dict) -> None:
@@ -150,7 +152,8 @@ def test_processes_end_with_the_simulators_adapters_and_metrics(tiny_bert_dir: s
     row = read_rows(out)[1]
     # 64 header bytes per message: 0.6-1.2% of these toy 5-10 kB adapters, 0.005% of MiniLM r=8's
     # 1.4 MB (benchmarks/distributed_round.py measures the real ratio).
-    assert row["wire_bytes"] == crossing * (summary["message_bytes"] + 64)
+    messages_per_link = 2 if changes.get("drift") == "kgt" else 1  # K-GT also sends each update Δ
+    assert row["wire_bytes"] == messages_per_link * crossing * (summary["message_bytes"] + 64)
 
 
 def test_processes_with_different_configs_refuse_to_start(tiny_bert_dir: str, tmp_path: Path) -> None:

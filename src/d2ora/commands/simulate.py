@@ -67,7 +67,7 @@ def load_run_config(config: Path | None, set_: list[str] | None, updates: dict[s
 def simulate(
     config: ConfigOption = None,
     set_: SetOption = None,
-    mixer: Annotated[str | None, typer.Option("--mixer", help="local, d2ora, decaf, dimat, fedavg or centralized.", show_default=False)] = None,
+    mixer: Annotated[str | None, typer.Option("--mixer", help="local, d2ora, decaf, dora_exact, dimat, fedavg, fedavg_products, fedavg_exact or centralized.", show_default=False)] = None,
     output_dir: OutputOption = None,
     resume: ResumeOption = None,
 ) -> None:
@@ -91,21 +91,25 @@ def compare(
     config: ConfigOption = None,
     set_: SetOption = None,
     output_dir: OutputOption = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds, e.g. 0,1,2: every mixer runs once per seed (into <mixer>/seed-<s>/) and the tables show mean ± sample std. Default: the config's seed.", show_default=False)] = None,
+    skip_done: Annotated[bool, typer.Option("--skip-done/--no-skip-done", help="Skip a (mixer, seed) whose folder holds a finished run of the same config, resume an unfinished one; --no-skip-done reruns all.")] = True,
 ) -> None:
-    """Run several mixers with everything else equal and print one table (report in output_dir)."""
+    """Run several mixers (over one or more seeds) with everything else equal and print one table
+    (report in output_dir)."""
     from d2ora.recipes.compare import compare as run_compare
-    from d2ora.recipes.compare import parse_mixers
+    from d2ora.recipes.compare import parse_mixers, parse_seeds
 
     updates: dict[str, Any] = {} if output_dir is None else {"output_dir": str(output_dir)}
     try:
         names = parse_mixers(mixers)
+        seed_list = None if seeds is None else parse_seeds(seeds)
     except ValueError as exc:
         raise fail(str(exc)) from None
     try:
         cfg = load_run_config(config, set_, updates, None)
         if output_dir is None and cfg.output_dir == Path("runs/simulate"):  # the simulate default: give compare its own
             cfg = cfg.model_copy(update={"output_dir": Path("runs/compare")})
-        run_compare(cfg, names, console=console_for_logs())
+        run_compare(cfg, names, console=console_for_logs(), seeds=seed_list, skip_done=skip_done)
     except user_errors() as exc:
         raise fail(str(exc)) from None
 

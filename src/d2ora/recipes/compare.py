@@ -1,25 +1,39 @@
 """``d2ora compare``: several mixers on the same partition, seeds and model; one table.
 
 Each mixer runs as its own :func:`~d2ora.recipes.simulate.simulate` with everything else equal
-(same seed, so the same split, partition, adapter init and batch order), into
-``output_dir/<mixer>/``; ``output_dir/compare.md`` / ``compare.csv`` and plots put them side by side.
+(same seed, so the same split, partition, adapter init and batch order). With one seed each run goes
+to ``output_dir/<mixer>/``; with several (``seeds``) to ``output_dir/<mixer>/seed-<s>/``, and the
+report shows each mixer's mean ± sample standard deviation over the seeds. ``output_dir/compare.md``,
+``compare.csv``, ``compare_seeds.csv`` and plots put them side by side.
+
+A (mixer, seed) whose folder already holds a finished run of the same result-relevant config is not
+run again, and one with checkpoints of it is resumed, so a long grid continues across sessions.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from rich.console import Console
 
+from d2ora.config_io import ConfigError, load_config
+from d2ora.engine.checkpoint import CheckpointError, config_differences
 from d2ora.engine.metrics_log import read_rows
-from d2ora.recipes.simulate import simulate
+from d2ora.recipes.simulate import CONFIG_FILE, SUMMARY_FILE, check_resumable, simulate
 from d2ora.recipes.simulate_config import CENTRALIZED, MIXER_CHOICES, SimulateConfig
+
+if TYPE_CHECKING:
+    from d2ora.report import MethodRuns
 
 #: What compare runs side by side: every mixer, and the centralized run mode.
 METHOD_CHOICES = (*MIXER_CHOICES, CENTRALIZED)
 
 DEFAULT_MIXERS = ("local", "d2ora", "decaf", "dimat", "fedavg", "centralized")
+
+Run = tuple[dict[str, Any], list[dict[str, Any]]]
 
 
 def parse_mixers(text: str | list[str]) -> list[str]:
@@ -36,20 +50,142 @@ def parse_mixers(text: str | list[str]) -> list[str]:
     return names
 
 
-def compare(config: SimulateConfig, mixers: list[str], console: Console | None = None) -> list[dict[str, Any]]:
-    """Run ``config`` once per mixer; returns the summaries in the order given."""
-    from d2ora.report import compare_table, write_compare_report
+def parse_seeds(text: str | list[str]) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; a non-integer, a negative or repeated seed, or none, is a ValueError."""
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text)]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise ValueError("no seeds given: pass e.g. --seeds 0,1,2")
+    # ASCII digits only: no sign, decimal point or exponent, and no '²' (isdigit, yet int() rejects it).
+    bad = [p for p in parts if not (p.isascii() and p.isdigit())]
+    if bad:
+        raise ValueError(f"seeds must be non-negative integers, got {', '.join(bad)}")
+    seeds = [int(p) for p in parts]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seed list repeats a seed: {', '.join(map(str, seeds))}")
+    return seeds
+
+
+def run_dir(root: Path, method: str, seed: int, several_seeds: bool) -> Path:
+    """``root/<method>/`` for a single seed (the layout before seeds existed), else ``root/<method>/seed-<s>/``."""
+    return root / method / f"seed-{seed}" if several_seeds else root / method
+
+
+def method_config(config: SimulateConfig, method: str, seed: int, out: Path) -> SimulateConfig:
+    """``config`` for one (method, seed) run, validated afresh (model_copy skips validation)."""
+    mode = {"mode": CENTRALIZED} if method == CENTRALIZED else {"mode": "decentralized", "mixer": method}
+    run_config = config.model_copy(update={**mode, "seed": seed, "output_dir": out})
+    return SimulateConfig.model_validate(run_config.model_dump())
+
+
+@dataclass(frozen=True)
+class Previous:
+    """What a run folder holds for a planned run: a finished run of it, a resumable one, or nothing usable."""
+
+    status: Literal["done", "resume", "new"]
+    why: str = ""
+
+
+def previous_run(config: SimulateConfig, out: Path) -> Previous:
+    """Whether ``out`` already holds ``config``'s run. Only keys that can change results are compared
+    (:meth:`SimulateConfig.result_config`), as ``--resume`` does: eval_batch_size or device may differ."""
+    saved_path = out / CONFIG_FILE
+    if not saved_path.is_file():
+        return Previous("new")
+    try:
+        saved = load_config(SimulateConfig, saved_path)
+    except ConfigError as exc:
+        return Previous("new", f"{saved_path} no longer loads ({str(exc).splitlines()[0]}): running afresh")
+    differing = config_differences(saved.result_config(), config.result_config())
+    if differing:
+        return Previous("new", f"{out} holds a run whose config differs in {', '.join(differing)}: running afresh")
+    if is_finished(config, out):
+        return Previous("done")
+    try:
+        check_resumable(config, out)
+    except CheckpointError:
+        return Previous("new")
+    return Previous("resume", f"{out} holds an unfinished run of this config: resuming it from its newest checkpoint")
+
+
+def is_finished(config: SimulateConfig, out: Path) -> bool:
+    """A summary.json that belongs to the metrics beside it and covers every round.
+
+    config.yaml is written when a run starts, summary.json when it ends: an interrupted rerun leaves
+    the new config beside the old summary. The summary's final row equal to the last metrics row of
+    the configured round proves both come from the same, finished run.
+    """
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
+        rows = read_rows(out)
+    except (OSError, ValueError):
+        return False
+    if not rows or rows[-1].get("round") != config.rounds or not isinstance(summary, dict):
+        return False
+    return summary.get("final") == rows[-1]  # both written from the same dict (NaN is stored as null)
+
+
+def run_one(config: SimulateConfig, label: str, console: Console, skip_done: bool) -> Run:
+    """Run (or resume, or skip as done) one (method, seed); its summary and metrics rows."""
+    out = Path(config.output_dir)
+    previous = previous_run(config, out) if skip_done else Previous("new")
+    if previous.status == "done":
+        console.print(f"{label}: finished earlier in {out} (same config), skipped")
+        return json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8")), read_rows(out)
+    console.rule(f"[bold]{label}[/bold]")
+    if previous.why:
+        console.print(previous.why, markup=False)
+    summary = simulate(config, console=console, resume=previous.status == "resume")
+    return summary, read_rows(out)
+
+
+def compare(config: SimulateConfig, mixers: list[str], console: Console | None = None, *,
+            seeds: list[int] | None = None, skip_done: bool = True) -> list[dict[str, Any]]:
+    """Run ``config`` once per mixer and seed (default: the config's own seed); returns the summaries,
+    mixer by mixer in the order given and each mixer's seeds in order.
+
+    Seeds run in the outer loop, so an interrupted grid has every mixer at the first seeds.
+    ``skip_done=False`` reruns every (mixer, seed) afresh, finished or not.
+    """
+    from d2ora.report import MethodRuns
 
     console = console or Console()
-    root = Path(config.output_dir)
-    runs: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
-    for i, mixer in enumerate(mixers, 1):
-        console.rule(f"[bold]{mixer}[/bold] ({i}/{len(mixers)})")
-        mode = {"mode": CENTRALIZED} if mixer == CENTRALIZED else {"mode": "decentralized", "mixer": mixer}
-        run_config = config.model_copy(update={**mode, "output_dir": root / mixer})
-        summary = simulate(SimulateConfig.model_validate(run_config.model_dump()), console=console)
-        runs.append((summary, read_rows(root / mixer)))
-    path = write_compare_report(root, runs)
-    console.print(compare_table(runs))
+    seeds = [config.seed] if seeds is None else list(seeds)
+    root, several = Path(config.output_dir), len(seeds) > 1
+    plan = [(seed, method) for seed in seeds for method in mixers]
+    runs: dict[tuple[str, int], Run] = {}
+    for i, (seed, method) in enumerate(plan, 1):
+        run_config = method_config(config, method, seed, run_dir(root, method, seed, several))
+        runs[method, seed] = run_one(run_config, f"{method}, seed {seed} ({i}/{len(plan)})", console, skip_done)
+    groups = [
+        MethodRuns(
+            name=str(runs[method, seeds[0]][0].get("name", method)),
+            runs=tuple(runs[method, s] for s in seeds), seeds=tuple(seeds),
+            run_dirs=tuple(run_dir(Path(), method, s, several).as_posix() for s in seeds),
+        )
+        for method in mixers
+    ]
+    report_groups(root, groups, console)
+    return [runs[method, s][0] for method in mixers for s in seeds]
+
+
+def report_groups(root: Path, groups: list[MethodRuns], console: Console) -> Path:
+    """Write the comparison report and print its tables and notes."""
+    from d2ora.report import (
+        compare_table,
+        spread_note,
+        standard_error_note,
+        target_note,
+        target_table,
+        write_compare_report,
+    )
+
+    path = write_compare_report(root, groups)
+    console.print(compare_table(groups))
+    for note in (spread_note(groups), standard_error_note(groups)):
+        if note:
+            console.print(note, markup=False)
+    table = target_table(groups)
+    console.print(table if table is not None else target_note(groups), markup=False)
     console.print(f"comparison: {path}")
-    return [summary for summary, _ in runs]
+    return path

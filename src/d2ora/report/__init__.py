@@ -6,34 +6,52 @@ consensus evaluations, validation, consensus distances) may be ``null`` in rows 
 evaluated; tables list only evaluated rounds and each plot uses only the rows that have its field.
 
 Modules, one job each: :mod:`~d2ora.report.rows` reads numbers out of rows and summaries,
-:mod:`~d2ora.report.formatting` writes them, :mod:`~d2ora.report.tables` builds the tables (and
+:mod:`~d2ora.report.stats` computes over them (mean ± sample std over seeds, binomial standard
+error, rounds to a target), :mod:`~d2ora.report.groups` groups a comparison's runs by method (one
+per seed), :mod:`~d2ora.report.formatting` writes them, :mod:`~d2ora.report.tables` builds the tables (and
 their rich renderings), :mod:`~d2ora.report.markdown` the text files, :mod:`~d2ora.report.plots`
 the PNGs, and :mod:`~d2ora.report.writers` writes a report folder (plots first, Markdown last,
 every file atomically).
 """
 
 from d2ora.report.formatting import fmt_metric
+from d2ora.report.groups import MethodRuns
 from d2ora.report.layout import (
     COMPARE_CSV_NAME,
     COMPARE_NAME,
     COMPARE_PLOTS,
+    COMPARE_SEEDS_CSV_NAME,
     PLOTS_DIR,
     REPORT_NAME,
     RUN_PLOTS,
 )
-from d2ora.report.markdown import CSV_COLUMNS
+from d2ora.report.markdown import CSV_COLUMNS, SEED_CSV_COLUMNS
 from d2ora.report.rows import Row, Run, Summary
-from d2ora.report.tables import RunFinal, compare_table, results_table, run_final
+from d2ora.report.stats import TARGET_GAP_POINTS
+from d2ora.report.tables import (
+    RunFinal,
+    compare_table,
+    results_table,
+    run_final,
+    spread_note,
+    standard_error_note,
+    target_note,
+    target_table,
+)
 from d2ora.report.writers import write_compare_report, write_run_report
 
 __all__ = [
     "COMPARE_CSV_NAME",
     "COMPARE_NAME",
     "COMPARE_PLOTS",
+    "COMPARE_SEEDS_CSV_NAME",
     "CSV_COLUMNS",
     "PLOTS_DIR",
     "REPORT_NAME",
     "RUN_PLOTS",
+    "SEED_CSV_COLUMNS",
+    "TARGET_GAP_POINTS",
+    "MethodRuns",
     "Row",
     "Run",
     "RunFinal",
@@ -42,6 +60,10 @@ __all__ = [
     "fmt_metric",
     "results_table",
     "run_final",
+    "spread_note",
+    "standard_error_note",
+    "target_note",
+    "target_table",
     "write_compare_report",
     "write_run_report",
 ]

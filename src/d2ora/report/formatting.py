@@ -1,8 +1,11 @@
-"""How a report writes a number: metric, scientific, fixed-point and megabytes; ``-`` for missing."""
+"""How a report writes a number: metric, scientific, fixed-point, megabytes and mean ± std; ``-`` for missing."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from d2ora.report.rows import Summary, is_percent
+from d2ora.report.stats import Spread
 
 MB = 1e6  # decimal megabytes, as network traffic is usually counted
 DASH = "-"
@@ -26,3 +29,14 @@ def fmt_float(value: float | None, digits: int) -> str:
 
 def fmt_mb(n_bytes: float | None) -> str:
     return DASH if n_bytes is None else f"{n_bytes / MB:.2f}"
+
+
+PLUS_MINUS = "±"
+
+
+def fmt_spread(value: Spread, fmt: Callable[[float | None], str]) -> str:
+    """``mean ± std`` in ``fmt`` (the std in the same unit: accuracy points for an accuracy); the mean
+    alone when there is no std (one seed), so a single-seed table reads as it always did."""
+    if value.std is None:
+        return fmt(value.mean)
+    return f"{fmt(value.mean)} {PLUS_MINUS} {fmt(value.std)}"

@@ -1,4 +1,5 @@
-"""The text files of a report: ``report.md`` for one run, ``compare.md`` and ``compare.csv`` for several.
+"""The text files of a report: ``report.md`` for one run; ``compare.md``, ``compare.csv`` (one row per
+method, means and stds over seeds) and ``compare_seeds.csv`` (one row per method and seed) for several.
 
 These functions build the text only; :mod:`d2ora.report.writers` writes it (atomically, after the
 plots it links to).
@@ -13,20 +14,50 @@ from pathlib import Path
 from typing import Any
 
 from d2ora.report.formatting import DASH, fmt_float, fmt_mb, fmt_metric
-from d2ora.report.layout import COMPARE_CSV_NAME, COMPARE_PLOTS, LEGEND_MAX, PLOTS_DIR, REPORT_NAME, RUN_PLOTS
+from d2ora.report.groups import (
+    MethodRuns,
+    TargetResult,
+    as_groups,
+    n_test,
+    target_results,
+)
+from d2ora.report.layout import (
+    COMPARE_CSV_NAME,
+    COMPARE_PLOT_TITLES,
+    COMPARE_PLOTS,
+    COMPARE_SEEDS_CSV_NAME,
+    LEGEND_MAX,
+    PLOTS_DIR,
+    REPORT_NAME,
+    RUN_PLOTS,
+)
 from d2ora.report.rows import (
     Row,
     Run,
     Summary,
+    consensus_examples,
     entry_metric,
     is_higher_better,
+    is_percent,
     item_at,
     last_with,
     metric_label,
     metric_name,
     peer_count,
 )
-from d2ora.report.tables import check_runs, compare_records, results_headers, results_records, run_final
+from d2ora.report.stats import TARGET_GAP_POINTS, binomial_se, spread
+from d2ora.report.tables import (
+    MethodFinal,
+    check_runs,
+    compare_records,
+    method_final,
+    results_headers,
+    results_records,
+    spread_note,
+    standard_error_note,
+    target_note,
+    target_records,
+)
 
 # Setup keys shown as lines in the compare report when every run shares them.
 SETUP_KEYS = (
@@ -159,42 +190,68 @@ def run_markdown(out_dir: Path, summary: Summary, rows: Sequence[Row]) -> str:
     return "\n".join(parts).rstrip("\n") + "\n"
 
 
-def _compare_setup(runs: Sequence[Run]) -> tuple[list[str], list[str]]:
+def _compare_setup(groups: Sequence[MethodRuns]) -> tuple[list[str], list[str]]:
     """Setup lines every run shares, and the keys whose values differ between runs."""
+    summaries = [s for g in groups for s, _ in g.runs]
     common, differing = [], []
     for key in SETUP_KEYS:
-        values = {str(s.get(key, DASH)) for s, _ in runs}
+        values = {str(s.get(key, DASH)) for s in summaries}
         (common if len(values) == 1 else differing).append(key)
-    lines = [f"- {key}: {runs[0][0].get(key, DASH)}" for key in common]
+    lines = [f"- {key}: {summaries[0].get(key, DASH)}" for key in common]
+    seeds = {g.seeds for g in groups}
+    if len(seeds) == 1 and None not in (known := next(iter(seeds))):
+        lines.append(f"- seeds: {', '.join(map(str, known))}")
     return lines, differing
 
 
-def compare_markdown(out_dir: Path, runs: Sequence[Run]) -> str:
-    headers, records, best = compare_records(runs)
+def _notes(runs: Sequence[MethodRuns]) -> list[str]:
+    notes = [n for n in (spread_note(runs), standard_error_note(runs)) if n]
+    return [*(f"- {n}" for n in notes), ""] if notes else []
+
+
+def _target_section(runs: Sequence[MethodRuns]) -> list[str]:
+    table = target_records(runs)
+    parts = [f"## Rounds to within {TARGET_GAP_POINTS:g} points of centralized", "", target_note(runs), ""]
+    if table is not None:
+        parts.append(_md_table(*table))
+    return parts
+
+
+def compare_markdown(out_dir: Path, runs: Sequence[Run | MethodRuns]) -> str:
+    groups = as_groups(runs)
+    headers, records, best = compare_records(groups)
     for i in best:
         records[i][1] = f"**{records[i][1]}**"
-    common, differing = _compare_setup(runs)
+    common, differing = _compare_setup(groups)
     parts = ["# Comparison of runs", "", "Common setup:", "", *common, ""]
     if differing:
-        body = [[s.get("name", DASH), *(s.get(k, DASH) for k in differing)] for s, _ in runs]
+        body = [[g.name, *(g.runs[0][0].get(k, DASH) for k in differing)] for g in groups]
         parts += ["Differences:", "", _md_table(["run", *differing], body, numeric_from=len(differing) + 1)]
-    order = "higher" if is_higher_better(runs[0][0]) else "lower"
+    first = groups[0].runs[0][0]
+    order = "higher" if is_higher_better(first) else "lower"
     parts += [
         "## Final results", "",
-        f"Best consensus {metric_name(runs[0][0])} in bold ({order} is better).", "",
+        f"Best consensus {metric_name(first)} in bold ({order} is better).", "",
+        *_notes(groups),
         _md_table(headers, records),
-        *_plots_section(COMPARE_PLOTS, ("consensus metric vs samples seen", "B·A consensus distance")),
+        *_target_section(groups),
+        *_plots_section(COMPARE_PLOTS, COMPARE_PLOT_TITLES),
         "## Files", "", f"- all numbers, full precision: [{COMPARE_CSV_NAME}]({COMPARE_CSV_NAME})",
-        *_run_report_links(out_dir, runs),
+        f"- per seed: [{COMPARE_SEEDS_CSV_NAME}]({COMPARE_SEEDS_CSV_NAME})",
+        *_run_report_links(out_dir, groups),
     ]
     return "\n".join(parts).rstrip("\n") + "\n"
 
 
-def _run_report_links(out_dir: Path, runs: Sequence[Run]) -> list[str]:
-    """Links to each run's own report where it lies in ``out_dir/<name>/`` (as ``d2ora compare`` puts it)."""
-    names = [str(s.get("name", "")) for s, _ in runs]
-    return [f"- {n}: [{n}/{REPORT_NAME}]({n}/{REPORT_NAME})" for n in names
-            if n and (out_dir / n / REPORT_NAME).is_file()]
+def _run_report_links(out_dir: Path, groups: Sequence[MethodRuns]) -> list[str]:
+    """Links to each run's own report where it exists (``<method>/`` or ``<method>/seed-<s>/``, as
+    ``d2ora compare`` puts them)."""
+    links = []
+    for group in groups:
+        found = [d for d in group.run_dirs if d and (out_dir / d / REPORT_NAME).is_file()]
+        if found:
+            links.append(f"- {group.name}: " + ", ".join(f"[{d}/{REPORT_NAME}]({d}/{REPORT_NAME})" for d in found))
+    return links
 
 
 CSV_COLUMNS = (
@@ -202,6 +259,19 @@ CSV_COLUMNS = (
     "local_steps", "batch_size", "metric", "higher_is_better", "consensus_metric", "mean_peer_metric",
     "worst_peer_metric", "distance_magnitude", "distance_product", "distance_merged",
     "bytes_sent_total", "samples_seen", "runtime_s",
+    # Added with seeds (appended, so readers of the older columns keep working): the numbers above are
+    # means over the seeds; *_std the sample standard deviations (ddof = 1), empty for one seed.
+    "n_seeds", "seeds", "consensus_metric_std", "mean_peer_metric_std", "worst_peer_metric_std",
+    "distance_product_std", "distance_merged_std", "bytes_sent_total_std", "runtime_s_std",
+    "n_test", "consensus_binomial_se", "target_metric", "target_reached_seeds",
+    "rounds_to_target", "rounds_to_target_std", "bytes_to_target", "samples_to_target",
+)
+
+#: compare_seeds.csv: one row per (method, seed), the numbers the means and stds come from.
+SEED_CSV_COLUMNS = (
+    "name", "seed", "run_dir", "metric", "consensus_metric", "mean_peer_metric", "worst_peer_metric",
+    "distance_product", "distance_merged", "bytes_sent_total", "samples_seen", "rounds", "runtime_s", "n_test",
+    "target_metric", "rounds_to_target", "bytes_to_target", "samples_to_target",
 )
 
 
@@ -212,20 +282,86 @@ def _csv_value(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def compare_csv(runs: Sequence[Run]) -> str:
-    check_runs(runs)
+def _csv_text(columns: Sequence[str], records: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    for summary, rows in runs:
-        final = run_final(summary, rows)
-        record = {key: summary.get(key) for key in CSV_COLUMNS}
-        record.update(
-            higher_is_better=is_higher_better(summary), consensus_metric=final.consensus,
-            mean_peer_metric=final.mean_peer, worst_peer_metric=final.worst_peer,
-            **{f"distance_{k}": v for k, v in final.distances.items()},
-            bytes_sent_total=final.bytes_sent_total, samples_seen=final.samples_seen,
-            runtime_s=final.runtime_s,
-        )
-        writer.writerow({k: _csv_value(v) for k, v in record.items()})
+    for record in records:
+        writer.writerow({k: _csv_value(record.get(k)) for k in columns})
     return buf.getvalue()
+
+
+def _se(group: MethodRuns, final: MethodFinal) -> float | None:
+    """The binomial standard error at the method's mean consensus accuracy (accuracy runs only)."""
+    size, p = n_test(group), final.consensus.mean
+    if size is None or p is None or not is_percent(group.runs[0][0]):
+        return None
+    return binomial_se(p, size)
+
+
+def _target_fields(target: TargetResult | None) -> dict[str, Any]:
+    if target is None:
+        return {}
+    rounds = target.rounds()
+    return {
+        "target_metric": spread(target.targets).mean, "target_reached_seeds": target.n_reached,
+        "rounds_to_target": rounds.mean, "rounds_to_target_std": rounds.std,
+        "bytes_to_target": target.bytes_sent().mean, "samples_to_target": target.samples_seen().mean,
+    }
+
+
+def _method_record(group: MethodRuns, final: MethodFinal, target: TargetResult | None) -> dict[str, Any]:
+    summary = group.runs[0][0]
+    record: dict[str, Any] = {key: summary.get(key) for key in CSV_COLUMNS}
+    record.update(
+        name=group.name, higher_is_better=is_higher_better(summary),
+        consensus_metric=final.consensus.mean, mean_peer_metric=final.mean_peer.mean,
+        worst_peer_metric=final.worst_peer.mean,
+        **{f"distance_{k}": v.mean for k, v in final.distances.items()},
+        bytes_sent_total=_whole(final.bytes_sent_total.mean), samples_seen=_whole(final.samples_seen.mean),
+        runtime_s=final.runtime_s.mean,
+        n_seeds=len(group.runs), seeds=";".join("" if s is None else str(s) for s in group.seeds),
+        consensus_metric_std=final.consensus.std, mean_peer_metric_std=final.mean_peer.std,
+        worst_peer_metric_std=final.worst_peer.std, distance_product_std=final.distances["product"].std,
+        distance_merged_std=final.distances["merged"].std, bytes_sent_total_std=final.bytes_sent_total.std,
+        runtime_s_std=final.runtime_s.std, n_test=n_test(group), consensus_binomial_se=_se(group, final),
+        **_target_fields(target),
+    )
+    return record
+
+
+def _whole(value: float | None) -> int | float | None:
+    # Byte and sample counts equal over seeds stay whole numbers in the CSV, as before seeds existed.
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
+def compare_csv(runs: Sequence[Run | MethodRuns]) -> str:
+    """One row per method: means over its seeds (the value itself for one seed) and the stds."""
+    groups = as_groups(runs)
+    check_runs(groups)
+    targets = target_results(groups) or [None] * len(groups)
+    records = [_method_record(g, method_final(g), t) for g, t in zip(groups, targets)]
+    return _csv_text(CSV_COLUMNS, records)
+
+
+def compare_seeds_csv(runs: Sequence[Run | MethodRuns]) -> str:
+    """One row per (method, seed): the per-seed numbers behind compare.csv's means."""
+    groups = as_groups(runs)
+    check_runs(groups)
+    targets = target_results(groups) or [None] * len(groups)
+    records = []
+    for group, target in zip(groups, targets):
+        for i, ((summary, rows), final) in enumerate(zip(group.runs, method_final(group).runs)):
+            reached = target.reached[i] if target else None
+            records.append({
+                "name": group.name, "seed": group.seeds[i], "run_dir": group.run_dirs[i], "metric": metric_name(summary),
+                "consensus_metric": final.consensus, "mean_peer_metric": final.mean_peer, "worst_peer_metric": final.worst_peer,
+                "distance_product": final.distances["product"], "distance_merged": final.distances["merged"],
+                "bytes_sent_total": final.bytes_sent_total, "samples_seen": final.samples_seen, "rounds": final.rounds,
+                "runtime_s": final.runtime_s, "n_test": consensus_examples(last_with(rows, "consensus_test")),
+                "target_metric": target.targets[i] if target else None,
+                "rounds_to_target": reached.round if reached else None,
+                "bytes_to_target": reached.bytes_sent_total if reached else None,
+                "samples_to_target": reached.samples_seen if reached else None,
+            })
+    return _csv_text(SEED_CSV_COLUMNS, records)

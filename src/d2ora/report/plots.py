@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from d2ora import atomic
+from d2ora.report.formatting import MB
+from d2ora.report.groups import MethodRuns, as_groups
 from d2ora.report.layout import LEGEND_MAX
 from d2ora.report.rows import (
     DISTANCES,
@@ -16,6 +18,7 @@ from d2ora.report.rows import (
     Summary,
     consensus_metric,
     distance,
+    is_percent,
     item_at,
     mean_train_loss,
     metric_label,
@@ -25,6 +28,7 @@ from d2ora.report.rows import (
     peer_metrics,
     peer_stats,
 )
+from d2ora.report.stats import CurvePoint, mean_curve
 
 DISTANCE_LABEL = "consensus distance (log scale)"
 
@@ -143,24 +147,81 @@ def plot_train_loss(summary: Summary, rows: Sequence[Row], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_compare_metric(runs: Sequence[Run], path: Path) -> Path:
-    first = runs[0][0]
-    fig, ax = _new_axes(f"consensus model: test {metric_name(first)}",
-                        "samples seen (training examples, all peers)", metric_label(first))
-    scale = metric_scale(first)
-    for summary, rows in runs:
-        xs, ys = _series(rows, "samples_seen", lambda r: consensus_metric(r, metric_name(first)))
-        ax.plot(xs, [y * scale for y in ys], marker="o", ms=3, lw=1.6, label=str(summary.get("name")))
+def _band_limits(summary: Summary) -> tuple[float, float]:
+    """Where a ± std band may reach: an accuracy cannot leave [0, 1], so the band stops there."""
+    return (0.0, 1.0) if is_percent(summary) else (-math.inf, math.inf)
+
+
+def _method_curve(ax: Any, group: MethodRuns, points: Sequence[CurvePoint], x_scale: float, y_scale: float,
+                  color: str) -> None:
+    """The mean over seeds as a line, and ± one sample std as a band where two or more seeds have the point."""
+    lo, hi = _band_limits(group.runs[0][0])
+    xs = [p.x / x_scale for p in points]
+    ax.plot(xs, [p.y * y_scale for p in points], marker="o", ms=3, lw=1.6, color=color, label=_curve_label(group))
+    band = [(x, p, max(lo, p.y - p.y_std), min(hi, p.y + p.y_std)) for x, p in zip(xs, points) if p.y_std is not None]
+    if len(band) > 1:
+        ax.fill_between([b[0] for b in band], [b[2] * y_scale for b in band], [b[3] * y_scale for b in band],
+                        color=color, alpha=0.18, lw=0)
+    elif band:  # a single evaluated point (e.g. one round): an error bar, as a band needs two
+        x, p, low, high = band[0]
+        ax.errorbar([x], [p.y * y_scale], yerr=[[(p.y - low) * y_scale], [(high - p.y) * y_scale]], color=color,
+                    capsize=3, lw=1.0)
+
+
+def _curve_label(group: MethodRuns, suffix: str = "") -> str:
+    n = len(group.runs)
+    return f"{group.name}{suffix}" if n == 1 else f"{group.name}{suffix} (mean ± std, {n} seeds)"
+
+
+def _reference_line(ax: Any, group: MethodRuns, points: Sequence[CurvePoint], y_scale: float, color: str) -> None:
+    """A method that sends nothing (local, centralized) would be a vertical line at x = 0: show its final
+    mean as a dashed horizontal line instead (± std as a light span), the level the others are measured by."""
+    last = points[-1]
+    ax.axhline(last.y * y_scale, color=color, ls="--", lw=1.4, label=_curve_label(group, ": sends nothing, final"))
+    if last.y_std is not None:
+        lo, hi = _band_limits(group.runs[0][0])
+        ax.axhspan(max(lo, last.y - last.y_std) * y_scale, min(hi, last.y + last.y_std) * y_scale, color=color,
+                   alpha=0.12, lw=0)
+
+
+def _plot_compare_curves(runs: Sequence[Run | MethodRuns], path: Path, x_key: str, xlabel: str,
+                         x_scale: float = 1.0, silent_as_reference: bool = False) -> Path:
+    groups = as_groups(runs)
+    first = groups[0].runs[0][0]
+    metric, y_scale = metric_name(first), metric_scale(first)
+    fig, ax = _new_axes(f"consensus model: test {metric}", xlabel, metric_label(first))
+    for i, group in enumerate(groups):
+        points = mean_curve([rows for _, rows in group.runs], x_key, lambda r: consensus_metric(r, metric))
+        if silent_as_reference and points and all(p.x == 0 for p in points):
+            _reference_line(ax, group, points, y_scale, f"C{i % 10}")
+        else:
+            _method_curve(ax, group, points, x_scale, y_scale, f"C{i % 10}")
+    if not any(len(line.get_xdata()) for line in ax.get_lines()):  # axhline holds a list, not an array
+        _no_data(ax, "no evaluated rounds")
     _legend(ax)
     return _save(fig, path)
 
 
-def plot_compare_consensus(runs: Sequence[Run], path: Path) -> Path:
+def plot_compare_metric(runs: Sequence[Run | MethodRuns], path: Path) -> Path:
+    """Consensus metric against samples seen: per method the mean over seeds, ± one std as a band."""
+    return _plot_compare_curves(runs, path, "samples_seen", "samples seen (training examples, all peers)")
+
+
+def plot_compare_metric_bytes(runs: Sequence[Run | MethodRuns], path: Path) -> Path:
+    """Consensus metric against MB sent (all peers): what each method pays in traffic for its accuracy.
+    Methods that send nothing (local, centralized) are dashed horizontal lines at their final level."""
+    return _plot_compare_curves(runs, path, "bytes_sent_total", "MB sent (cumulative, all peers; 10^6 bytes)", x_scale=MB,
+                                silent_as_reference=True)
+
+
+def plot_compare_consensus(runs: Sequence[Run | MethodRuns], path: Path) -> Path:
+    """B·A consensus distance per method, the mean over seeds (no band: ± std can cross zero on a log axis)."""
     fig, ax = _new_axes("consensus distance on B·A", "round", DISTANCE_LABEL)
     plotted = False
-    for summary, rows in runs:
-        xs, ys = _positive(*_series(rows, "round", lambda r: distance(r, "product")))
-        label = str(summary.get("name"))
+    for group in as_groups(runs):
+        points = mean_curve([rows for _, rows in group.runs], "round", lambda r: distance(r, "product"))
+        xs, ys = _positive([p.round for p in points], [p.y for p in points])
+        label = group.name if len(group.runs) == 1 else f"{group.name} (mean, {len(group.runs)} seeds)"
         # An all-zero run (P = 1) still gets a legend entry, so its absence reads as intended.
         ax.plot(xs, ys, marker="o", ms=3, lw=1.6, label=label if xs else f"{label} (no positive values)")
         plotted = plotted or bool(xs)

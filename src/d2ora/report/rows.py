@@ -114,3 +114,10 @@ def peer_count(summary: Summary, rows: Sequence[Row]) -> int:
 
 def item_at(values: Sequence[Any] | None, i: int) -> Any:
     return values[i] if values is not None and i < len(values) else None
+
+
+def consensus_examples(row: Row | None) -> int | None:
+    """How many test examples the consensus evaluation in ``row`` used (its ``examples`` field)."""
+    entry = row.get("consensus_test") if row else None
+    count = entry.get("examples") if isinstance(entry, Mapping) else None
+    return None if count is None else int(count)

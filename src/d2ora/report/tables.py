@@ -7,13 +7,31 @@ terminal and the files always show the same numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from rich.table import Table
 from rich.text import Text
 
-from d2ora.report.formatting import DASH, fmt_float, fmt_mb, fmt_metric, fmt_sci
+from d2ora.report.formatting import (
+    DASH,
+    PLUS_MINUS,
+    fmt_float,
+    fmt_mb,
+    fmt_metric,
+    fmt_sci,
+    fmt_spread,
+)
+from d2ora.report.groups import (
+    MethodRuns,
+    TargetResult,
+    as_groups,
+    centralized_group,
+    check_groups,
+    is_multi_seed,
+    n_test,
+    target_results,
+)
 from d2ora.report.rows import (
     DISTANCES,
     Row,
@@ -23,6 +41,7 @@ from d2ora.report.rows import (
     distance,
     is_evaluated,
     is_higher_better,
+    is_percent,
     last_with,
     mean_of,
     mean_train_loss,
@@ -33,6 +52,9 @@ from d2ora.report.rows import (
     rows_or_final,
     worst,
 )
+from d2ora.report.stats import TARGET_GAP_POINTS, Spread, binomial_se, spread
+
+NOT_REACHED = "not reached"
 
 
 def results_headers(summary: Summary) -> list[str]:
@@ -110,43 +132,155 @@ def _best_indices(values: Sequence[float | None], higher_is_better: bool) -> set
     return {i for i, v in enumerate(values) if v == best}
 
 
-def _compare_headers(summary: Summary) -> list[str]:
+def _compare_headers(summary: Summary, multi_seed: bool) -> list[str]:
     label = metric_label(summary)
-    return [
+    headers = [
         "run", f"consensus {label}", f"mean peer {label}", "worst peer",
         "distance B·A", "distance W'", "MB sent", "runtime (s)",
     ]
+    return [*headers, "seeds"] if multi_seed else headers  # last: a single-seed table keeps its columns
 
 
-def _compare_cells(summary: Summary, final: RunFinal) -> list[str]:
-    return [
+@dataclass(frozen=True)
+class MethodFinal:
+    """One method's final numbers over its seeds, each as mean and sample std (ddof = 1)."""
+
+    name: str
+    runs: tuple[RunFinal, ...]  # one per seed, in the group's seed order
+    consensus: Spread
+    mean_peer: Spread
+    worst_peer: Spread
+    distances: dict[str, Spread]
+    bytes_sent_total: Spread
+    samples_seen: Spread
+    runtime_s: Spread
+
+
+def method_final(group: MethodRuns) -> MethodFinal:
+    """:func:`run_final` of every seed, then mean and spread of each quantity over the seeds."""
+    finals = tuple(run_final(s, r) for s, r in group.runs)
+
+    def over(get: Callable[[RunFinal], float | None]) -> Spread:
+        return spread([get(f) for f in finals])
+
+    return MethodFinal(
+        name=group.name, runs=finals,
+        consensus=over(lambda f: f.consensus), mean_peer=over(lambda f: f.mean_peer),
+        worst_peer=over(lambda f: f.worst_peer),
+        distances={key: over(lambda f, key=key: f.distances[key]) for key, _ in DISTANCES},
+        bytes_sent_total=over(lambda f: f.bytes_sent_total), samples_seen=over(lambda f: f.samples_seen),
+        runtime_s=over(lambda f: f.runtime_s),
+    )
+
+
+def _compare_cells(summary: Summary, final: MethodFinal, multi_seed: bool) -> list[str]:
+    def metric(v: float | None) -> str:
+        return fmt_metric(summary, v)
+
+    cells = [
         final.name,
-        fmt_metric(summary, final.consensus),
-        fmt_metric(summary, final.mean_peer),
-        fmt_metric(summary, final.worst_peer),
-        fmt_sci(final.distances["product"]),
-        fmt_sci(final.distances["merged"]),
-        fmt_mb(final.bytes_sent_total),
-        fmt_float(final.runtime_s, 1),
+        fmt_spread(final.consensus, metric),
+        fmt_spread(final.mean_peer, metric),
+        fmt_spread(final.worst_peer, metric),
+        fmt_spread(final.distances["product"], fmt_sci),
+        fmt_spread(final.distances["merged"], fmt_sci),
+        fmt_spread(final.bytes_sent_total, fmt_mb),
+        fmt_spread(final.runtime_s, lambda v: fmt_float(v, 1)),
     ]
+    return [*cells, str(len(final.runs))] if multi_seed else cells
 
 
-def check_runs(runs: Sequence[Run]) -> Summary:
-    """The first run's summary, after checking that the runs can be compared at all."""
-    if not runs:
-        raise ValueError("no runs to compare")
-    metrics = {metric_name(s) for s, _ in runs}
-    if len(metrics) > 1:
-        raise ValueError(f"runs use different metrics ({', '.join(sorted(metrics))}): not comparable")
-    return runs[0][0]
+def check_runs(runs: Sequence[Run | MethodRuns]) -> Summary:
+    """The first run's summary, after checking that the runs (or groups of runs) can be compared at all."""
+    groups = as_groups(runs)
+    check_groups(groups)
+    return groups[0].runs[0][0]
 
 
-def compare_records(runs: Sequence[Run]) -> tuple[list[str], list[list[str]], set[int]]:
-    """Headers, formatted rows and the indices of the runs with the best consensus metric."""
-    first = check_runs(runs)
-    finals = [run_final(s, r) for s, r in runs]
-    best = _best_indices([f.consensus for f in finals], is_higher_better(first))
-    return _compare_headers(first), [_compare_cells(first, f) for f in finals], best
+def compare_records(runs: Sequence[Run | MethodRuns]) -> tuple[list[str], list[list[str]], set[int]]:
+    """Headers, formatted rows (one per method, mean ± std over its seeds) and the indices of the
+    methods with the best mean consensus metric."""
+    groups = as_groups(runs)
+    first = check_runs(groups)
+    multi = is_multi_seed(groups)
+    finals = [method_final(g) for g in groups]
+    best = _best_indices([f.consensus.mean for f in finals], is_higher_better(first))
+    return _compare_headers(first, multi), [_compare_cells(first, f, multi) for f in finals], best
+
+
+def spread_note(runs: Sequence[Run | MethodRuns]) -> str | None:
+    """What a ``±`` means, for tables of several seeds; None for a single seed (no ± is shown)."""
+    groups = as_groups(runs)
+    if not is_multi_seed(groups):
+        return None
+    counts = sorted({len(g.runs) for g in groups})
+    seeds = " or ".join(map(str, counts))
+    return (f"Mean {PLUS_MINUS} sample standard deviation (ddof = 1) over {seeds} seeds per method; the standard "
+            f"error of such a mean is the standard deviation / √(number of seeds).")
+
+
+def standard_error_note(runs: Sequence[Run | MethodRuns]) -> str | None:
+    """The binomial standard error of one test accuracy on the test set used, so a reader can tell a
+    real difference from test-set noise; None for other metrics or an unknown test-set size."""
+    groups = as_groups(runs)
+    first = check_runs(groups)
+    sizes = {n_test(g) for g in groups}
+    if not is_percent(first) or len(sizes) != 1 or None in sizes:
+        return None
+    size = int(sizes.pop())
+    p = spread([method_final(g).consensus.mean for g in groups]).mean
+    at_p = "" if p is None else f"{binomial_se(p, size) * 100:.1f} points at p = {p * 100:.1f}% (the mean consensus accuracy here), "
+    return (f"Test set: {size:,} examples; one test accuracy p on it has binomial standard error √(p(1 − p) / n_test) = "
+            f"{at_p}at most {binomial_se(0.5, size) * 100:.1f} points (p = 50%): differences within about two standard "
+            "errors may be test-set noise.")
+
+
+def _target_cells(summary: Summary, result: TargetResult, multi_seed: bool) -> list[str]:
+    n, k = len(result.reached), result.n_reached
+    cells = [
+        result.name,
+        fmt_spread(spread(result.targets), lambda v: fmt_metric(summary, v)),
+        f"{k} of {n} seeds" if multi_seed else ("yes" if k else NOT_REACHED),
+        fmt_spread(result.rounds(), _fmt_rounds) if k else NOT_REACHED,
+        fmt_spread(result.bytes_sent(), fmt_mb) if k else NOT_REACHED,
+    ]
+    if multi_seed:
+        cells.append(" / ".join(NOT_REACHED if r is None else str(r.round) for r in result.reached))
+    return cells
+
+
+def _fmt_rounds(value: float | None) -> str:
+    # A whole number of rounds reads as one; a mean over seeds gets a decimal.
+    return DASH if value is None else (str(int(value)) if float(value).is_integer() else f"{value:.1f}")
+
+
+def target_records(runs: Sequence[Run | MethodRuns],
+                   gap_points: float = TARGET_GAP_POINTS) -> tuple[list[str], list[list[str]]] | None:
+    """Headers and rows of the rounds-to-target table; None when it cannot be computed
+    (see :func:`~d2ora.report.groups.target_results`)."""
+    groups = as_groups(runs)
+    first = check_runs(groups)
+    results = target_results(groups, gap_points)
+    if results is None:
+        return None
+    multi = is_multi_seed(groups)
+    headers = ["run", f"target {metric_label(first)}", "reached", "rounds", "MB sent"]
+    if multi:
+        headers.append("rounds per seed")
+    return headers, [_target_cells(first, r, multi) for r in results]
+
+
+def target_note(runs: Sequence[Run | MethodRuns], gap_points: float = TARGET_GAP_POINTS) -> str:
+    """Why the rounds-to-target table is there (or is not)."""
+    groups = as_groups(runs)
+    first = check_runs(groups)
+    if not is_percent(first):
+        return f"Rounds to target: not computed; the metric is {metric_name(first)}, and percentage points apply to accuracy only."
+    if centralized_group(groups) is None:
+        return "Rounds to target: not computed; 'centralized' is not among the compared methods."
+    return (f"Target: centralized's final consensus {metric_name(first)} at the same seed minus {gap_points:g} points. "
+            "Rounds and MB sent until the first evaluated round (every eval_every rounds) whose consensus model reaches it; "
+            "with several seeds, mean over the seeds that reached it.")
 
 
 def _rich_table(title: str, headers: Sequence[str], records: Sequence[Sequence[str | Text]]) -> Table:
@@ -165,8 +299,8 @@ def results_table(summary: Summary, rows: Sequence[Row]) -> Table:
     return _rich_table(title, results_headers(summary), results_records(summary, rows))
 
 
-def compare_table(runs: Sequence[Run]) -> Table:
-    """One row per run with its final numbers; the best consensus metric is bold."""
+def compare_table(runs: Sequence[Run | MethodRuns]) -> Table:
+    """One row per method with its final numbers (mean ± std over seeds); the best consensus metric is bold."""
     headers, records, best = compare_records(runs)
     styled: list[list[str | Text]] = []
     for i, record in enumerate(records):
@@ -176,3 +310,13 @@ def compare_table(runs: Sequence[Run]) -> Table:
         cells[1] = Text(record[1], style="bold" if i in best else "")
         styled.append(cells)
     return _rich_table("comparison of runs (final round)", headers, styled)
+
+
+def target_table(runs: Sequence[Run | MethodRuns], gap_points: float = TARGET_GAP_POINTS) -> Table | None:
+    """Rounds and MB until each method is within ``gap_points`` of centralized; None when not computed."""
+    table = target_records(runs, gap_points)
+    if table is None:
+        return None
+    headers, records = table
+    return _rich_table(f"rounds to within {gap_points:g} points of centralized", headers,
+                       [[Text(r[0]), *r[1:]] for r in records])

@@ -1,4 +1,4 @@
-"""Writing a report folder: plots first and the Markdown last, every file atomically.
+"""Writing a report folder: plots first, then the CSVs, the Markdown last, every file atomically.
 
 Plots first, so a report never links to a plot that is half written; each file goes to a
 temporary file beside the target and is renamed over it, so a failed rewrite leaves the previous
@@ -11,11 +11,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from d2ora import atomic
-from d2ora.report.layout import COMPARE_CSV_NAME, COMPARE_NAME, COMPARE_PLOTS, PLOTS_DIR, REPORT_NAME, RUN_PLOTS
-from d2ora.report.markdown import compare_csv, compare_markdown, run_markdown
+from d2ora.report.groups import MethodRuns, as_groups
+from d2ora.report.layout import (
+    COMPARE_CSV_NAME,
+    COMPARE_NAME,
+    COMPARE_PLOTS,
+    COMPARE_SEEDS_CSV_NAME,
+    PLOTS_DIR,
+    REPORT_NAME,
+    RUN_PLOTS,
+)
+from d2ora.report.markdown import (
+    compare_csv,
+    compare_markdown,
+    compare_seeds_csv,
+    run_markdown,
+)
 from d2ora.report.plots import (
     plot_compare_consensus,
     plot_compare_metric,
+    plot_compare_metric_bytes,
     plot_consensus,
     plot_metric,
     plot_train_loss,
@@ -36,14 +51,18 @@ def write_run_report(out_dir: Path, summary: Summary, rows: Sequence[Row]) -> Pa
     return atomic.write_text(out_dir / REPORT_NAME, run_markdown(out_dir, summary, rows))
 
 
-def write_compare_report(out_dir: Path, runs: Sequence[Run]) -> Path:
-    """Write ``compare.md``, ``compare.csv`` and the two comparison plots; return the Markdown's path."""
+def write_compare_report(out_dir: Path, runs: Sequence[Run | MethodRuns]) -> Path:
+    """Write ``compare.md``, ``compare.csv``, ``compare_seeds.csv`` and the comparison plots; return the
+    Markdown's path. ``runs`` are single runs, or one :class:`~d2ora.report.groups.MethodRuns` per method
+    (its runs over seeds)."""
     check_runs(runs)
-    runs = [(s, rows_or_final(s, r)) for s, r in runs]
+    groups = as_groups(runs)
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
-    plot_compare_metric(runs, plots / COMPARE_PLOTS[0])
-    plot_compare_consensus(runs, plots / COMPARE_PLOTS[1])
-    atomic.write_text(out_dir / COMPARE_CSV_NAME, compare_csv(runs))
-    return atomic.write_text(out_dir / COMPARE_NAME, compare_markdown(out_dir, runs))
+    plot_compare_metric(groups, plots / COMPARE_PLOTS[0])
+    plot_compare_consensus(groups, plots / COMPARE_PLOTS[1])
+    plot_compare_metric_bytes(groups, plots / COMPARE_PLOTS[2])
+    atomic.write_text(out_dir / COMPARE_CSV_NAME, compare_csv(groups))
+    atomic.write_text(out_dir / COMPARE_SEEDS_CSV_NAME, compare_seeds_csv(groups))
+    return atomic.write_text(out_dir / COMPARE_NAME, compare_markdown(out_dir, groups))
