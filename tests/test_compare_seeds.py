@@ -387,3 +387,24 @@ def test_compare_two_seeds_end_to_end(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(compare_module, "simulate", no_training)
     compare(config, ["local", "centralized"], console=Console(width=160), seeds=[0, 1])
     assert (tmp_path / "compare.csv").read_text() == before
+
+
+def test_own_split_accuracy_sits_beside_the_global_one(tmp_path: Path) -> None:
+    """Each peer's score on its own held-out split (personalization) is a column of its own: the
+    mean over peers per seed, then mean ± std over seeds; rows before mean_peer_val existed use the
+    plain mean of peer_val."""
+    runs = []
+    own = [[0.9, 0.7], [0.8, 0.8], [1.0, 0.6]]
+    for seed, values in enumerate(own):
+        summary, rows = run("d2ora share direction", "d2ora", [0.2, 0.5])
+        rows[-1]["peer_val"] = [{"accuracy": v, "loss": 1.0} for v in values]
+        if seed:  # new rows carry the mean too
+            rows[-1]["mean_peer_val"] = {"accuracy": statistics.mean(values), "min": min(values), "max": max(values)}
+        runs.append((summary, rows))
+    write_compare_report(tmp_path, [MethodRuns("d2ora share direction", tuple(runs), (0, 1, 2), ("a", "b", "c"))])
+    (record,) = read_csv(tmp_path / "compare.csv")
+    means = [statistics.mean(v) for v in own]
+    assert float(record["own_split_metric"]) == pytest.approx(statistics.mean(means))
+    assert float(record["own_split_metric_std"]) == pytest.approx(statistics.stdev(means))
+    assert float(record["consensus_metric"]) == pytest.approx(0.5)  # the global score is still there
+    assert "mean peer, own split" in (tmp_path / "compare.md").read_text()

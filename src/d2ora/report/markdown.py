@@ -265,13 +265,15 @@ CSV_COLUMNS = (
     "distance_product_std", "distance_merged_std", "bytes_sent_total_std", "runtime_s_std",
     "n_test", "consensus_binomial_se", "target_metric", "target_reached_seeds",
     "rounds_to_target", "rounds_to_target_std", "bytes_to_target", "samples_to_target",
+    # Each peer on its own held-out split (personalization); beside, never instead of, the global test.
+    "own_split_metric", "own_split_metric_std",
 )
 
 #: compare_seeds.csv: one row per (method, seed), the numbers the means and stds come from.
 SEED_CSV_COLUMNS = (
     "name", "seed", "run_dir", "metric", "consensus_metric", "mean_peer_metric", "worst_peer_metric",
     "distance_product", "distance_merged", "bytes_sent_total", "samples_seen", "rounds", "runtime_s", "n_test",
-    "target_metric", "rounds_to_target", "bytes_to_target", "samples_to_target",
+    "target_metric", "rounds_to_target", "bytes_to_target", "samples_to_target", "own_split_metric",
 )
 
 
@@ -325,6 +327,7 @@ def _method_record(group: MethodRuns, final: MethodFinal, target: TargetResult |
         worst_peer_metric_std=final.worst_peer.std, distance_product_std=final.distances["product"].std,
         distance_merged_std=final.distances["merged"].std, bytes_sent_total_std=final.bytes_sent_total.std,
         runtime_s_std=final.runtime_s.std, n_test=n_test(group), consensus_binomial_se=_se(group, final),
+        own_split_metric=final.own_split.mean, own_split_metric_std=final.own_split.std,
         **_target_fields(target),
     )
     return record
@@ -363,5 +366,6 @@ def compare_seeds_csv(runs: Sequence[Run | MethodRuns]) -> str:
                 "rounds_to_target": reached.round if reached else None,
                 "bytes_to_target": reached.bytes_sent_total if reached else None,
                 "samples_to_target": reached.samples_seen if reached else None,
+                "own_split_metric": final.own_split,
             })
     return _csv_text(SEED_CSV_COLUMNS, records)

@@ -61,6 +61,14 @@ def peer_metrics(row: Row, metric: str) -> list[float | None]:
     return [entry_metric(e, metric) for e in row.get("peer_test") or []]
 
 
+def own_split_mean(row: Row, metric: str) -> float | None:
+    """The peers' mean metric on their own held-out splits (``mean_peer_val``; older rows: the mean
+    of ``peer_val``), or None when no peer had one."""
+    if row.get("mean_peer_val"):
+        return entry_metric(row["mean_peer_val"], metric)
+    return mean_of(entry_metric(e, metric) for e in row.get("peer_val") or [])
+
+
 def peer_stats(row: Row, metric: str) -> tuple[float, float, float] | None:
     """Mean, min and max of the peers' test metric, or None when no peer was evaluated."""
     values = [v for v in peer_metrics(row, metric) if v is not None]

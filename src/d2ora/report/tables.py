@@ -45,6 +45,7 @@ from d2ora.report.rows import (
     last_with,
     mean_of,
     mean_train_loss,
+    own_split_mean,
     metric_label,
     metric_name,
     peer_metrics,
@@ -93,6 +94,7 @@ class RunFinal:
     consensus: float | None
     mean_peer: float | None
     worst_peer: float | None
+    own_split: float | None  # mean peer on its own held-out split (the personalized view)
     distances: dict[str, float | None]
     bytes_sent_total: int | None
     samples_seen: int | None
@@ -106,6 +108,7 @@ def run_final(summary: Summary, rows: Sequence[Row]) -> RunFinal:
     metric = metric_name(summary)
     consensus_row = last_with(rows, "consensus_test")
     peer_row = last_with(rows, "peer_test")
+    val_row = last_with(rows, "peer_val")
     dist_row = last_with(rows, "consensus_distance")
     last = rows[-1] if rows else {}
     peers = [v for v in peer_metrics(peer_row, metric) if v is not None] if peer_row else []
@@ -115,6 +118,7 @@ def run_final(summary: Summary, rows: Sequence[Row]) -> RunFinal:
         consensus=consensus_metric(consensus_row, metric) if consensus_row else None,
         mean_peer=mean_of(peers),
         worst_peer=worst(peers, is_higher_better(summary)),
+        own_split=own_split_mean(val_row, metric) if val_row else None,
         distances={key: distance(dist_row, key) if dist_row else None for key, _ in DISTANCES},
         bytes_sent_total=last.get("bytes_sent_total"),
         samples_seen=last.get("samples_seen"),
@@ -135,7 +139,7 @@ def _best_indices(values: Sequence[float | None], higher_is_better: bool) -> set
 def _compare_headers(summary: Summary, multi_seed: bool) -> list[str]:
     label = metric_label(summary)
     headers = [
-        "run", f"consensus {label}", f"mean peer {label}", "worst peer",
+        "run", f"consensus {label}", f"mean peer {label}", "worst peer", "mean peer, own split",
         "distance B·A", "distance W'", "MB sent", "runtime (s)",
     ]
     return [*headers, "seeds"] if multi_seed else headers  # last: a single-seed table keeps its columns
@@ -150,6 +154,7 @@ class MethodFinal:
     consensus: Spread
     mean_peer: Spread
     worst_peer: Spread
+    own_split: Spread
     distances: dict[str, Spread]
     bytes_sent_total: Spread
     samples_seen: Spread
@@ -166,7 +171,7 @@ def method_final(group: MethodRuns) -> MethodFinal:
     return MethodFinal(
         name=group.name, runs=finals,
         consensus=over(lambda f: f.consensus), mean_peer=over(lambda f: f.mean_peer),
-        worst_peer=over(lambda f: f.worst_peer),
+        worst_peer=over(lambda f: f.worst_peer), own_split=over(lambda f: f.own_split),
         distances={key: over(lambda f, key=key: f.distances[key]) for key, _ in DISTANCES},
         bytes_sent_total=over(lambda f: f.bytes_sent_total), samples_seen=over(lambda f: f.samples_seen),
         runtime_s=over(lambda f: f.runtime_s),
@@ -182,6 +187,7 @@ def _compare_cells(summary: Summary, final: MethodFinal, multi_seed: bool) -> li
         fmt_spread(final.consensus, metric),
         fmt_spread(final.mean_peer, metric),
         fmt_spread(final.worst_peer, metric),
+        fmt_spread(final.own_split, metric),
         fmt_spread(final.distances["product"], fmt_sci),
         fmt_spread(final.distances["merged"], fmt_sci),
         fmt_spread(final.bytes_sent_total, fmt_mb),
