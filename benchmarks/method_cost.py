@@ -22,7 +22,7 @@ import json
 import os
 import statistics
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dora_step import machine_info, write_json_atomic  # noqa: E402
+from trust_overhead import best_of, neighbourhood  # noqa: E402
 
-from d2ora.mixers import D2oraMixer, DecafMixer, DoraExactMixer, LayerStack, Neighbourhoods  # noqa: E402
+from d2ora.mixers import D2oraMixer, DecafMixer, DoraExactMixer, Neighbourhoods  # noqa: E402
 from d2ora.recipes.simulate import simulate  # noqa: E402
 from d2ora.recipes.simulate_config import SimulateConfig  # noqa: E402
 
@@ -83,39 +84,20 @@ def end_to_end(args: argparse.Namespace, console: Console) -> list[dict[str, Any
     return results
 
 
-MINILM_SHAPES = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]  # q, k, v, attn-out, intermediate, output
-
-
-def neighbourhood(g: int, k: int, r: int = 8, seed: int = 0) -> Neighbourhoods:
+def with_base_weights(hood: Neighbourhoods, seed: int = 1) -> Neighbourhoods:
+    """trust_overhead's MiniLM-shaped neighbourhood plus a random frozen W0 per layer (DoRA-exact needs it)."""
     gen = torch.Generator().manual_seed(seed)
-    layers, base = {}, {}
-    for layer in range(6):
-        for j, (out, inp) in enumerate(MINILM_SHAPES):
-            name = f"l{layer}.{j}"
-            base[name] = torch.randn(out, inp, generator=gen) / inp ** 0.5
-            layers[name] = LayerStack(
-                lora_a=torch.randn(g, k, r, inp, generator=gen) * 0.05, lora_b=torch.randn(g, k, out, r, generator=gen) * 0.01,
-                magnitude=1 + 0.01 * torch.randn(g, k, out, generator=gen), scaling=2.0,
-            )
-    dense = {"classifier.weight": torch.randn(g, k, 5, 384, generator=gen)}
-    return Neighbourhoods(layers=layers, dense=dense, weights=torch.full((g, k), 1.0 / k), own=torch.zeros(g, dtype=torch.long),
-                          base_weights=base)
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - tick)
-    return min(times)
+    base = {}
+    for name, stack in hood.layers.items():
+        out, inp = stack.lora_b.shape[-2], stack.lora_a.shape[-1]
+        base[name] = torch.randn(out, inp, generator=gen) / inp ** 0.5
+    return replace(hood, base_weights=base)
 
 
 def mixing_times(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
     rows = []
     for g, k, label in ((8, 3, "ring, k=3"), (1, 8, "server, k=8")):
-        hood = neighbourhood(g, k)
+        hood = with_base_weights(neighbourhood(g, k))
         times = {mixer.name: best_of(lambda: mixer.mix(hood), args.repeats) for mixer in (DecafMixer(), D2oraMixer(), DoraExactMixer())}
         for name, seconds in times.items():
             rows.append({"neighbourhood": label, "mixer": name, "seconds": seconds, "ratio_to_decaf": seconds / times["decaf"]})

@@ -12,9 +12,13 @@ from d2ora.data.partition import SCHEMES
 from d2ora.data.sources import BBC_NEWS
 from d2ora.data.tasks import TaskName
 from d2ora.dora.config import DoRAConfig
+from d2ora.engine.drift import DRIFT_METHODS
+from d2ora.engine.share import SHARE_MODES
 from d2ora.mixers import MIXERS
+from d2ora.mixers.robust import ROBUST_RULES
 from d2ora.models import DEFAULT_MODEL, check_device_name
 from d2ora.topology import MIXING_RULES, TOPOLOGY_NAMES
+from d2ora.trust.attacks import ATTACKS
 
 #: The run mode that is not a mixer: one peer trained on the pooled data (the upper bound).
 #: ``mixer: centralized`` (and ``--mixer centralized``, ``compare --mixers ...,centralized``) is
@@ -176,33 +180,12 @@ class SimulateConfig(BaseModel):
         """YAML 1.1 reads a bare ``off`` (``--set trust=off``) as the boolean false."""
         return "off" if value is False else value
 
-    @field_validator("share")
+    @field_validator("share", "drift", "robust", "attack")
     @classmethod
-    def _known_share(cls, value: str) -> str:
-        from d2ora.engine.share import SHARE_MODES
-
-        key = _key(value)
-        if key not in SHARE_MODES:
-            raise ValueError(f"unknown share {value!r}; choose one of {', '.join(SHARE_MODES)}")
-        return key
-
-    @field_validator("drift")
-    @classmethod
-    def _known_drift(cls, value: str) -> str:
-        from d2ora.engine.drift import DRIFT_METHODS
-
-        key = _key(value)
-        if key not in DRIFT_METHODS:
-            raise ValueError(f"unknown drift {value!r}; choose one of {', '.join(DRIFT_METHODS)}")
-        return key
-
-    @field_validator("robust", "attack")
-    @classmethod
-    def _known_trust_name(cls, value: str, info: ValidationInfo) -> str:
-        from d2ora.mixers.robust import ROBUST_RULES
-        from d2ora.trust.attacks import ATTACKS
-
-        choices = ("none", *(ROBUST_RULES if info.field_name == "robust" else ATTACKS))
+    def _known_option(cls, value: str, info: ValidationInfo) -> str:
+        """Names defined by the modules that implement them; case-insensitive, '-' for '_'."""
+        choices = {"share": SHARE_MODES, "drift": DRIFT_METHODS, "robust": ("none", *ROBUST_RULES),
+                   "attack": ("none", *ATTACKS)}[info.field_name]
         key = _key(value)
         if key not in choices:
             raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {', '.join(choices)}")
