@@ -182,3 +182,15 @@ def test_saved_file_digests_work_from_a_relative_run_folder(tmp_path: Path, monk
     target.write_bytes(b"weights")
     assert folder_digests(Path("runs/x"), ["adapters/peer-0", "consensus"]) == {
         "adapters/peer-0/adapter_model.safetensors": hashlib.sha256(b"weights").hexdigest()}
+
+
+def test_label_flip_peers_train_on_flipped_copies_and_the_rest_is_unchanged(tmp_path: Path) -> None:
+    """Data poisoning: the Byzantine peer's label table is its own shard's, reversed (y -> C-1-y);
+    every honest peer's shard is the same as without the attack."""
+    clean = simulate(tiny_config(tmp_path / "clean", rounds=1, local_steps=1, eval_peers=False, save_merged=False,
+                                 save_adapters=False, tensorboard=False))
+    poisoned = simulate(tiny_config(tmp_path / "poisoned", rounds=1, local_steps=1, eval_peers=False, save_merged=False,
+                                    save_adapters=False, tensorboard=False, attack="label_flip", byzantine=[1]))
+    before, after = clean["label_counts"], poisoned["label_counts"]
+    assert after[1] == before[1][::-1] and before[1] != before[1][::-1]
+    assert [row for k, row in enumerate(after) if k != 1] == [row for k, row in enumerate(before) if k != 1]

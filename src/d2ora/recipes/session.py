@@ -104,7 +104,7 @@ def prepare_peer_data(config: SimulateConfig, load_model_for: Callable[[Task], L
     if config.attack == "label_flip":
         if not class_names:
             raise PartitionError("attack label_flip needs class labels (task classification)")
-        train_rows, train_shards = poison_labels(train_rows, train_shards, config.byzantine, len(class_names))
+        train_rows, train_shards, labels = poison_labels(train_rows, train_shards, labels, config.byzantine, len(class_names))
     data = PeerData(
         task=task, train_rows=train_rows, train_shards=train_shards, val_shards=val_shards,
         test=test_tok, labels=labels if class_names else None, n_classes=n_classes, class_names=class_names,
@@ -112,19 +112,23 @@ def prepare_peer_data(config: SimulateConfig, load_model_for: Callable[[Task], L
     return data, loaded
 
 
-def poison_labels(rows: list[dict[str, Any]], shards: list[np.ndarray], byzantine: list[int],
-                  classes: int) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+def poison_labels(rows: list[dict[str, Any]], shards: list[np.ndarray], labels: np.ndarray, byzantine: list[int],
+                  classes: int) -> tuple[list[dict[str, Any]], list[np.ndarray], np.ndarray]:
     """The label-flip attack: each Byzantine peer trains on its own copies of its examples with
-    labels y -> C - 1 - y (copies, so the honest peers' rows and the partition stay as they are)."""
+    labels y -> C - 1 - y (copies, so the honest peers' rows and the partition stay as they are).
+    ``labels`` (one per row) gains the copies' flipped labels, so label tables show what each peer
+    trains on."""
     rows = list(rows)
     shards = list(shards)
+    extra: list[int] = []
     for peer in byzantine:
         start = len(rows)
         shard = shards[peer]
         flipped = flip_labels([rows[i]["labels"] for i in shard], classes)
         rows.extend({**rows[i], "labels": y} for i, y in zip(shard, flipped))
+        extra.extend(int(y) for y in flipped)
         shards[peer] = np.arange(start, start + len(shard), dtype=np.int64)
-    return rows, shards
+    return rows, shards, np.concatenate([labels, np.asarray(extra, dtype=labels.dtype)])
 
 
 # ------------------------------------------------------------------------------------- the graph
