@@ -138,6 +138,7 @@ def run_round(host: PeerHost, exchange: Exchange, plan: RoundPlan, round_index: 
     # K-GT: each peer's local update Δ travels as a second message per gossip step (slots after the
     # model's), mixed linearly with the same weights.
     own_update = mixed_update = correction.local_update() if correction is not None and correction.sends_update else None
+    linear = replace(plan, mixer=D2oraMixer())  # how the updates Δ are mixed
     for step in range(plan.mixing_steps):
         tick = time.perf_counter()
         outgoing = host.peer_model.flat()
@@ -149,7 +150,6 @@ def run_round(host: PeerHost, exchange: Exchange, plan: RoundPlan, round_index: 
         tock = time.perf_counter()
         host.peer_model.load_flat(mix_received(host, plan, outgoing, inbox, (round_index, step)))
         if mixed_update is not None:
-            linear = replace(plan, mixer=D2oraMixer())
             mixed_update = mix_received(host, linear, mixed_update, update_inbox, (round_index, plan.mixing_steps + step))
         exchange_s += tock - tick
         mix_s += time.perf_counter() - tock
