@@ -129,20 +129,20 @@ def accuracy(entry: dict[str, Any] | None) -> float | None:
 
 
 def mean_std(values: list[float]) -> str:
-    if not values:
+    from d2ora.report.stats import spread
+
+    known = spread(values)
+    if known.mean is None:
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+    return f"{known.mean:.1f}" if known.std is None else f"{known.mean:.1f} ± {known.std:.1f}"
 
 
 def reached(rows: list[dict[str, Any]], target: float) -> tuple[int, float] | None:
     """(round, bytes sent) of the first evaluated round whose consensus model is within WITHIN points of target."""
-    for row in rows:
-        value = accuracy(row.get("consensus_test"))
-        if value is not None and value >= target - WITHIN:
-            return row["round"], row["bytes_sent_total"]
-    return None
+    from d2ora.report.stats import first_reaching
+
+    hit = first_reaching(rows, "accuracy", (target - WITHIN) / 100)
+    return None if hit is None else (hit.round, hit.bytes_sent_total)
 
 
 def report() -> None:
