@@ -93,6 +93,33 @@ def test_local_csv_and_jsonl_sources(tmp_path) -> None:
     assert ds["labels"] == [1, 0]
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_csv_reads_like_the_plain_file(tmp_path, suffix: str) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    content = 'body,cat\n"first, with comma",sport\nsecond,arts\n'
+    (tmp_path / "plain.csv").write_text(content, encoding="utf-8")
+    (tmp_path / f"packed.csv{suffix}").write_bytes(compress(content.encode("utf-8")))
+    plain = load_source(tmp_path / "plain.csv", text_column="body", label_column="cat")
+    packed = load_source(str(tmp_path / f"packed.csv{suffix}"), text_column="body", label_column="cat")
+    assert packed["text"] == plain["text"] == ["first, with comma", "second"]
+    assert packed["labels"] == plain["labels"] == [1, 0]
+
+
+def test_rows_without_text_are_dropped_and_an_empty_source_is_an_error(tmp_path) -> None:
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\ngood film,pos\n,neg\n   ,neg\nbad film,neg\n", encoding="utf-8")
+    ds = load_source(path)
+    assert list(zip(ds["text"], ds["labels"])) == [("good film", 1), ("bad film", 0)]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n,pos\n", encoding="utf-8")
+    with pytest.raises(DataSourceError, match="no rows with text in column 'text'"):
+        load_source(empty)
+
+
 def test_local_txt_source_is_one_example_per_nonblank_line(tmp_path) -> None:
     path = tmp_path / "corpus.txt"
     path.write_text("line one\n\nline two\n   \nline three\n", encoding="utf-8")
@@ -119,6 +146,9 @@ def test_source_errors_name_the_problem(tmp_path) -> None:
         load_source({"text": ["a"], "label": ["x"]}, text_column="body")
     with pytest.raises(DataSourceError, match="missing values"):
         load_source({"text": ["a", "b"], "label": ["x", None]})
+    (tmp_path / "data.csv.rar").write_text("x", encoding="utf-8")
+    with pytest.raises(DataSourceError, match=r"unsupported type '\.csv\.rar'"):
+        load_source(str(tmp_path / "data.csv.rar"))
 
 
 # ------------------------------------------------------------------------------------------- splits

@@ -7,8 +7,8 @@ peer simulator never care where data came from:
 - ``labels``: for labelled data, a :class:`datasets.ClassLabel` column whose names are sorted, so
   the same label set always gets the same ids (peers and runs agree on them).
 
-Sources: the shipped BBC News corpus (``"bbc_news"``), a local file (csv / json / jsonl /
-parquet / txt) or a folder of ``<class>/*.txt`` files, an in-memory mapping of columns, or a
+Sources: the shipped BBC News corpus (``"bbc_news"``), a local file (csv / tsv / json / jsonl /
+parquet / txt, optionally compressed: .gz / .bz2 / .xz / .zst) or a folder of ``<class>/*.txt`` files, an in-memory mapping of columns, or a
 Hugging Face Hub name when online.
 """
 
@@ -36,6 +36,17 @@ _BUILDERS = {
     ".parquet": "parquet",
     ".txt": "text",
 }
+# Compression suffixes the `datasets` builders undo themselves (they extract local data files
+# before reading), so "reviews.csv.bz2" reads like "reviews.csv".
+_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _file_builder(path: Path) -> str | None:
+    """The builder for ``path`` by its type suffix, looking past one compression suffix."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in _COMPRESSIONS:
+        return _BUILDERS.get(suffixes[-2])
+    return _BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
 class DataSourceError(ValueError):
@@ -125,6 +136,11 @@ def _standardise(dataset: Dataset, text_column: str, label_column: str | None, o
     dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
     if text_column != TEXT:
         dataset = dataset.rename_column(text_column, TEXT)
+    # Rows with no text (empty csv cells read as None, blank lines) carry nothing to learn and
+    # would crash the tokeniser; they are dropped, and a source with no text left is an error.
+    dataset = dataset.filter(lambda row: isinstance(row[TEXT], str) and bool(row[TEXT].strip()))
+    if len(dataset) == 0:
+        raise DataSourceError(f"{origin}: no rows with text in column '{text_column}'")
     if label_column is not None:
         dataset = encode_labels(dataset, label_column)
     return dataset
@@ -132,7 +148,7 @@ def _standardise(dataset: Dataset, text_column: str, label_column: str | None, o
 
 # ------------------------------------------------------------------------------------------ sources
 def _looks_like_path(name: str) -> bool:
-    return Path(name).suffix.lower() in _BUILDERS or name.startswith((".", "/", "~")) or "\\" in name
+    return _file_builder(Path(name)) is not None or name.startswith((".", "/", "~")) or "\\" in name
 
 
 def _load_file(path: Path, builder: str) -> Dataset:
@@ -190,12 +206,13 @@ def load_source(
         dataset = load_text_folder(path)
         return dataset if label_column is not None else dataset.remove_columns([LABELS])
     if path.is_file():
-        builder = _BUILDERS.get(path.suffix.lower())
+        builder = _file_builder(path)
         if builder is None:
-            raise DataSourceError(f"data file {path}: unsupported type '{path.suffix}' (use {', '.join(sorted(_BUILDERS))})")
+            raise DataSourceError(
+                f"data file {path}: unsupported type '{''.join(path.suffixes) or path.name}' "
+                f"(use {', '.join(sorted(_BUILDERS))}, optionally compressed as {', '.join(_COMPRESSIONS)})"
+            )
         dataset = _load_file(path, builder)
-        if builder == "text":  # one example per line; blank lines carry nothing to learn
-            dataset = dataset.filter(lambda row: bool(row[TEXT].strip()))
         return _standardise(dataset, TEXT if builder == "text" else text_column, label_column, str(path))
     if _looks_like_path(name):
         raise DataSourceError(f"data file not found: {path}")
