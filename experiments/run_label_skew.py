@@ -4,19 +4,23 @@ Setup (one job at a time on a 2-core CPU): MiniLM + DoRA r=8 on all linear layer
 8 peers on a ring (Metropolis–Hastings weights 1/3), Dirichlet α = 0.1 and 0.5, 6 rounds x 10 local
 steps x batch 16 per peer = 7,680 training samples per run (1.5x the 5,120 of experiments/bbc_news;
 ``centralized``: one peer, batch 128, 60 steps, the same samples), AdamW lr 2e-3 linearly decayed,
-64 tokens per article, one gossip step per round, evaluation every 2 rounds on the whole held-out
-test split (334 articles: one standard error of an accuracy p is sqrt(p(1-p)/334), 1.3 points at
-90%, 2.7 at 50%). Seeds change the split, the partition, the adapter init and the batch order; all
-methods of one seed share them.
+the first 32 tokens of each article (headline and first sentence), one gossip step per round,
+evaluation every 2 rounds on the whole held-out test split (334 articles: one standard error of an
+accuracy p is sqrt(p(1-p)/334), 1.3 points at 90%, 2.7 at 50%). Seeds change the split, the
+partition, the adapter init and the batch order; all methods of one seed share them.
 
 Methods: local, d2ora, decaf, dora_exact, each of the last three with drift: qgm and drift: kgt;
 FedAvg over factors, over products and over merged weights; FedProx (FedAvg + μ = 0.01); centralized;
 at α = 0.1 also the personalization splits (d2ora with share: direction, magnitude, lora_a).
 
-Why this budget: the grid is 33 runs at seed 0 (18 at α = 0.1, 15 at α = 0.5) at ~5 minutes each,
-~2.75 CPU-hours; seeds 1 and 2 then repeat only centralized, DeCAF and the three best other methods
-of seed 0 at each α (:func:`repeated`), 20 runs, ~1.7 CPU-hours. The script runs seed 0 first, then
-the extra seeds, skipping every run whose summary.json exists (the grid continues across sessions).
+Why this budget: the issue asks for more samples than experiments/bbc_news (5,120) and a grid of
+about 4 CPU-hours. Measured on this machine (December 2026), a run at 64 tokens took 10-11 minutes
+(centralized: 601 s; 78 s per round of 1,280 samples plus 55 s per evaluation of 9 models), so 49
+runs would take about 9 hours. Halving the tokens to 32 halves both, to about 5.5 minutes a run.
+The grid is 33 runs at seed 0 (18 at α = 0.1, 15 at α = 0.5); seeds 1 and 2 then repeat only
+centralized, DeCAF and the two best other methods of seed 0 at each α (:func:`repeated`): 16 runs.
+That is about 4.5 CPU-hours in all: over the target, and run across two sessions. The script runs
+seed 0 first, then the extra seeds, skipping every run whose summary.json exists.
 
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/run_label_skew.py --plan      # list the runs left
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/run_label_skew.py --limit 6   # run the next 6
@@ -61,7 +65,7 @@ PERSONAL: dict[str, dict[str, Any]] = {
 #: What seeds 1 and 2 always repeat: the upper bound and today's best mixer; plus the BEST_AFTER
 #: methods with the highest seed-0 consensus accuracy at that α.
 BASELINES = ("centralized", "decaf")
-BEST_AFTER = 3
+BEST_AFTER = 2
 
 
 def methods_for(alpha: float) -> dict[str, dict[str, Any]]:

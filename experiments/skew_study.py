@@ -23,10 +23,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 WITHIN = 2.0  # points of centralized's final accuracy that count as "caught up"
 
-#: The run shape every study shares: 8 peers on a ring, 6 rounds x 10 local steps x batch 16.
+#: The run shape every study shares: 8 peers on a ring, 6 rounds x 10 local steps x batch 16, 32 tokens.
 BASE: dict[str, Any] = {
     "peers": 8, "topology": "ring", "partition": "dirichlet", "rounds": 6, "local_steps": 10, "batch_size": 16,
-    "max_length": 64, "lr": 2e-3, "r": 8, "max_test_samples": None, "eval_every": 2, "save_adapters": False,
+    "max_length": 32, "lr": 2e-3, "r": 8, "max_test_samples": None, "eval_every": 2, "save_adapters": False,
     "save_merged": False, "tensorboard": False, "checkpoint_every": 1000,
 }
 
