@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study module beside this script
-from skew_study import BASE, Study, best_methods, main  # noqa: E402
+from skew_study import BASE, Study, best_methods, main
 
 HERE = Path(__file__).resolve().parent
 ALPHAS = (0.1, 0.5)

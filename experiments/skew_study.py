@@ -110,10 +110,10 @@ def reached(rows: list[dict[str, Any]], target: float) -> tuple[int, float] | No
 
 def report(study: Study) -> None:
     rounds = study.config["rounds"]
-    lines = [f"# Label skew on {study.title}: 8 peers on a ring, MiniLM + DoRA r = 8", "", study.setup_note, "",
-             "Accuracies in %, mean ± sample standard deviation over the seeds run (n). 'caught up': the first "
-             "evaluated round (and MB sent by then) whose consensus model is within "
-             f"{WITHIN:g} points of centralized's final accuracy for the same seed (k/n seeds reached it).", ""]
+    legend = ("Accuracies in %, mean ± sample standard deviation over the seeds run (n). 'caught up': the first "
+              "evaluated round (and MB sent by then) whose consensus model is within "
+              f"{WITHIN:g} points of centralized's final accuracy for the same seed (k/n seeds reached it).")
+    lines = [f"# Label skew on {study.title}: 8 peers on a ring, MiniLM + DoRA r = 8", "", study.setup_note, "", legend, ""]
     results: dict[str, Any] = {}
     for alpha in study.alphas:
         table = []

@@ -64,7 +64,7 @@ class TrainConfig(BaseModel):
     task: TaskName = Field("classification", description="'classification' (accuracy) or 'causal_lm' (perplexity).")
     data: str | dict[str, list[Any]] = Field(
         BBC_NEWS,
-        description="'bbc_news' (shipped), a local csv/json/jsonl/parquet/txt file, a folder of <class>/*.txt, "
+        description="'bbc_news' (shipped), a local csv/tsv/json/jsonl/parquet/txt file (optionally .gz/.bz2/.xz/.zst), a folder of <class>/*.txt, "
         "a Hub dataset name (online), or an inline mapping of columns.",
     )
     data_split: str = Field("train", description="Split to read from a Hub dataset; d2ora then makes its own splits.")
