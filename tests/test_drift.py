@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from d2ora import DoRAConfig, attach
 from d2ora.data.tasks import ClassificationTask
-from d2ora.engine.drift import LocalCorrection, kept_coordinates
+from d2ora.engine.drift import LocalCorrection, kept_coordinates, tangent_factors
 from d2ora.engine.host import PeerHost
 from d2ora.engine.local_steps import LocalTrainer
 from d2ora.engine.metrics_log import read_rows
@@ -135,6 +135,65 @@ def test_corrections_skip_factors_a_mixer_rebases(tiny_dir: str) -> None:
     own = torch.randn(PEERS, layout.numel)
     corr.finish_round(own, torch.zeros_like(own))
     torch.testing.assert_close(corr.state, -own * keep / 0.1)
+
+
+def dense_tangent_projection(x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Reference: P_U X + X P_V − P_U X P_V with U, V orthonormal bases of B's columns and A's rows (dense SVD)."""
+    u = torch.linalg.svd(b, full_matrices=False).U
+    v = torch.linalg.svd(a.mT, full_matrices=False).U
+    pu, pv = u @ u.mT, v @ v.mT
+    return pu @ x + x @ pv - pu @ x @ pv
+
+
+def test_tangent_factors_equal_the_dense_tangent_projection() -> None:
+    g = torch.Generator().manual_seed(5)
+    h, out, r, q, inp = 3, 9, 2, 5, 7
+    left, right = torch.randn(h, out, q, generator=g, dtype=torch.float64), torch.randn(h, q, inp, generator=g, dtype=torch.float64)
+    b, a = torch.randn(h, out, r, generator=g, dtype=torch.float64), torch.randn(h, r, inp, generator=g, dtype=torch.float64)
+    delta_b, delta_a = tangent_factors(left, right, b, a)
+    change = delta_b @ a + b @ delta_a
+    for k in range(h):
+        torch.testing.assert_close(change[k], dense_tangent_projection(left[k] @ right[k], b[k], a[k]))
+    torch.testing.assert_close(b.mT @ delta_b, torch.zeros(h, r, r, dtype=torch.float64), atol=1e-10, rtol=0)
+    # A direction already tangent at (B, A) keeps its product change exactly.
+    m_b, m_a = torch.randn(h, out, r, generator=g, dtype=torch.float64), torch.randn(h, r, inp, generator=g, dtype=torch.float64)
+    delta_b, delta_a = tangent_factors(torch.cat([m_b, b], -1), torch.cat([a, m_a], -2), b, a)
+    torch.testing.assert_close(delta_b @ a + b @ delta_a, m_b @ a + b @ m_a)
+
+
+def test_qgm_carries_factor_momentum_through_a_rebasing_mix(tiny_dir: str) -> None:
+    """Under a re-basing mixer QGM's A/B momentum is β·(old momentum's product change) + (1 − β)·(the
+    round's product move)/Σ η, projected onto the tangent space at the new factors (dense reference);
+    the magnitudes and the head follow the flat rule."""
+    peers = peer_model(tiny_dir)
+    layout = peers.layout()
+    beta, lr = 0.7, 0.1
+    corr = LocalCorrection(peers, "qgm", beta=beta, factors_replaced=True)
+    g = torch.Generator().manual_seed(9)
+    corr.state.copy_(torch.randn(corr.state.shape, generator=g) * 0.1)  # a momentum from earlier rounds
+    old_state = corr.state.clone()
+    start = peers.flat()
+    corr.begin_round()
+    corr.adjust_parameters(lr)
+    mixed = start + torch.randn(start.shape, generator=g) * 0.2  # new factors, new magnitudes, new head
+    peers.load_flat(mixed)
+    corr.finish_round()
+    assert corr.transport_factors
+    before, after, m_old, m_new = (layout.views(t) for t in (start, mixed, old_state, corr.state))
+    for entry in layout.entries:
+        if entry.kind in ("lora_magnitude_vector", "dense"):
+            expected = beta * m_old[entry.key] + (1 - beta) * (before[entry.key] - after[entry.key]) / lr
+            torch.testing.assert_close(m_new[entry.key], expected)
+    for module in layout.scalings:
+        b_key, a_key = f"{module}.lora_B", f"{module}.lora_A"
+        for k in range(PEERS):
+            b_r, a_r, b_n, a_n = (v[key][k].double() for v, key in ((before, b_key), (before, a_key), (after, b_key), (after, a_key)))
+            old = m_old[b_key][k].double() @ a_r + b_r @ m_old[a_key][k].double()
+            target = beta * old + (1 - beta) * (b_r @ a_r - b_n @ a_n) / lr
+            got = m_new[b_key][k].double() @ a_n + b_n @ m_new[a_key][k].double()
+            torch.testing.assert_close(got, dense_tangent_projection(target, b_n, a_n), rtol=1e-4, atol=1e-5)
+    # K-GT has no such transport: its A/B entries stay uncorrected under a re-basing mixer.
+    assert not LocalCorrection(peers, "kgt", factors_replaced=True).transport_factors
 
 
 def test_bad_correction_settings(tiny_dir: str) -> None:

@@ -26,13 +26,19 @@ learning rate), not in gradient space: d2ora's local optimizer is AdamW, whose s
 η·g, and adding a gradient-scaled term to an Adam step would be off by the preconditioner. With
 plain SGD both reduce to the papers' algorithms.
 
-Low-rank factors. The tracked vectors are meaningful only in coordinates that survive the mix.
+Low-rank factors. A flat correction vector is meaningful only in coordinates that survive the mix.
 D²ORA, FedAvg and DIMAT keep every coordinate (DIMAT aligns the neighbours to the receiver's basis);
-DeCAF and DoRA-exact re-express A and B in the singular basis of the mix, so a momentum or tracking
-entry for row k of the old A has no counterpart in the new one (the same reason the engine resets
-A's and B's Adam moments there). Under those mixers the corrections apply to the coordinates that
-keep their meaning, the magnitudes m and the dense head, and leave A and B uncorrected
-(:func:`kept_coordinates`).
+DeCAF, DoRA-exact and the FedAvg product rules re-express A and B in the singular basis of the mix,
+so a momentum entry for row k of the old A has no counterpart in the new one (the same reason the
+engine resets A's and B's Adam moments there). What does keep its meaning is the change a direction
+(δB, δA) makes to the product, δB·A + B·δA. So under those mixers QGM keeps its momentum for A and
+B *as a product-space direction*: after the mix it forms β·(old momentum's product change) +
+(1 − β)·(the round's product move B_rA_r − B'A', per unit of learning rate), all as thin factors,
+and maps it back onto the new factors (B', A') by the projection onto the tangent space of the
+rank-r matrices at B'A' (:func:`tangent_factors`; "vector transport by projection" in Riemannian
+optimisation). K-GT would need its neighbours' product moves for that, which its Δ messages do not
+carry in a common basis, so under re-basing mixers K-GT (like FedProx's anchor, which stays exact)
+corrects the magnitudes and the dense head only (:func:`kept_coordinates`).
 """
 
 from __future__ import annotations
@@ -55,6 +61,31 @@ def kept_coordinates(layout: AdapterLayout, factors_replaced: bool) -> torch.Ten
             if entry.kind in ("lora_A", "lora_B"):
                 keep[entry.offset : entry.offset + entry.numel] = False
     return keep
+
+
+#: Factor directions weaker than this fraction of the strongest are not inverted in
+#: :func:`tangent_factors` (their tangent component cannot be represented stably).
+RELATIVE_CUTOFF = 1e-4
+
+
+def tangent_factors(left: torch.Tensor, right: torch.Tensor, lora_b: torch.Tensor,
+                    lora_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor directions ``(δB, δA)`` at ``(B, A)`` whose product change ``δB·A + B·δA`` is the
+    projection of ``X = left @ right`` onto the tangent space of the rank-r matrices at ``B·A``:
+    ``P_B X + (I − P_B) X P_A``, with P_B, P_A the projections onto B's columns and A's rows.
+
+    Batched over the leading dim: ``left (h, out, q)``, ``right (h, q, in)``, ``B (h, out, r)``,
+    ``A (h, r, in)``; X (out x in) is never formed. ``δA = (BᵀB)⁺BᵀX`` and
+    ``δB = (I − P_B) X Aᵀ(AAᵀ)⁺``, so δB is orthogonal to B's columns (one choice among the
+    equivalent factorizations of the same tangent vector).
+    """
+    gram_b = torch.linalg.pinv(lora_b.mT @ lora_b, rtol=RELATIVE_CUTOFF, hermitian=True)  # (h, r, r)
+    gram_a = torch.linalg.pinv(lora_a @ lora_a.mT, rtol=RELATIVE_CUTOFF, hermitian=True)
+    delta_a = gram_b @ ((lora_b.mT @ left) @ right)
+    x_at = left @ (right @ lora_a.mT)  # (h, out, r)
+    full_b = x_at @ gram_a
+    delta_b = full_b - lora_b @ (gram_b @ (lora_b.mT @ full_b))
+    return delta_b, delta_a
 
 
 class LocalCorrection:
@@ -82,6 +113,8 @@ class LocalCorrection:
         self.prox_mu = prox_mu
         flat = peer_model.flat()
         self.keep = kept_coordinates(self.layout, factors_replaced).to(device=flat.device, dtype=flat.dtype)
+        #: QGM under a re-basing mixer carries A's and B's momentum through the mix in product space.
+        self.transport_factors = factors_replaced and method == "qgm"
         #: (h, numel): QGM's momentum m̂ or K-GT's tracking c; None without a correction.
         self.state: torch.Tensor | None = None if method == "none" else torch.zeros_like(flat)
         self.anchor: torch.Tensor | None = None
@@ -136,10 +169,37 @@ class LocalCorrection:
         if self.state is None or self.lr_sum == 0:
             return
         if self.method == "qgm":
-            moved = (self.anchor - self.peer_model.flat()) / self.lr_sum
+            current = self.peer_model.flat()
+            if self.transport_factors:
+                factor_momentum = self._transported_factor_momentum(current)
+            moved = (self.anchor - current) / self.lr_sum
             self.state.mul_(self.beta).add_(moved * self.keep, alpha=1 - self.beta)
+            if self.transport_factors:
+                views = self.layout.views(self.state)
+                for key, value in factor_momentum.items():
+                    views[key].copy_(value)
         elif own_update is not None and mixed_update is not None:
             self.state.add_((mixed_update - own_update) * self.keep, alpha=1 / self.lr_sum)
+
+    def _transported_factor_momentum(self, current: torch.Tensor) -> dict[str, torch.Tensor]:
+        """QGM's new A and B momentum at the mixed factors: β·(old momentum's product change at the
+        round-start factors) + (1 − β)·(B_rA_r − B'A') / Σ η, projected onto the tangent space at B'A'."""
+        start, now, momentum = self.layout.views(self.anchor), self.layout.views(current), self.layout.views(self.state)
+        out: dict[str, torch.Tensor] = {}
+        for module in self.layout.scalings:
+            a_key, b_key = f"{module}.lora_A", f"{module}.lora_B"
+            # In fp32 at least: pinv has no half-precision kernels, and the Gram inverses need the range.
+            b_r, a_r, b_new, a_new, m_b, m_a = (
+                t.to(torch.promote_types(t.dtype, torch.float32))
+                for t in (start[b_key], start[a_key], now[b_key], now[a_key], momentum[b_key], momentum[a_key])
+            )
+            step = (1 - self.beta) / self.lr_sum
+            # Σ of thin products: β(m_B A_r + B_r m_A) + step·(B_r A_r − B' A').
+            left = torch.cat([self.beta * m_b, self.beta * b_r, step * b_r, -step * b_new], dim=-1)
+            right = torch.cat([a_r, m_a, a_r, a_new], dim=-2)
+            delta_b, delta_a = tangent_factors(left, right, b_new, a_new)
+            out[b_key], out[a_key] = delta_b.to(self.state.dtype), delta_a.to(self.state.dtype)
+        return out
 
     def load_state(self, state: torch.Tensor) -> None:
         if self.state is None or state.shape != self.state.shape:
