@@ -8,8 +8,9 @@ peer simulator never care where data came from:
   the same label set always gets the same ids (peers and runs agree on them).
 
 Sources: the shipped BBC News corpus (``"bbc_news"``), a local file (csv / tsv / json / jsonl /
-parquet / txt, optionally compressed: .gz / .bz2 / .xz / .zst) or a folder of ``<class>/*.txt`` files, an in-memory mapping of columns, or a
-Hugging Face Hub name when online.
+parquet / txt, optionally compressed: .gz / .bz2 / .xz / .zst) or a folder of ``<class>/*.txt``
+files, an in-memory mapping of columns, or a Hugging Face Hub name when online. Rows without text
+are dropped.
 """
 
 from __future__ import annotations
