@@ -150,9 +150,15 @@ class ClassificationTask(Task):
         logits = model(**_model_inputs(batch)).logits
         return F.cross_entropy(logits.float(), batch[LABELS])
 
-    def peer_losses(self, model: nn.Module, batch: Batch, peers: int) -> torch.Tensor:
-        logits = model(**_model_inputs(batch)).logits
-        per_example = F.cross_entropy(logits.float(), batch[LABELS], reduction="none")
+    def peer_losses(self, model: nn.Module, batch: Batch, peers: int,
+                    logit_offset: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`Task.peer_losses`; ``logit_offset (peers, num_labels)`` is added to each peer's
+        logits before the cross-entropy (training only: the label-prior adjustment of
+        :mod:`d2ora.engine.label_prior`)."""
+        logits = model(**_model_inputs(batch)).logits.float()
+        if logit_offset is not None:
+            logits = (logits.view(peers, -1, logits.shape[-1]) + logit_offset[:, None, :].to(logits)).view_as(logits)
+        per_example = F.cross_entropy(logits, batch[LABELS], reduction="none")
         return per_example.view(peers, -1).mean(dim=1)
 
     @torch.no_grad()

@@ -175,6 +175,8 @@ class LocalTrainer:
         self.base_dropout = base_dropout
         #: Drift correction hooks (``d2ora.engine.drift.LocalCorrection``); None: plain local steps.
         self.correction: Any = None
+        #: ``(peers, num_labels)`` logit offsets of the training loss (``d2ora.engine.label_prior``); None: plain.
+        self.logit_offsets: torch.Tensor | None = None
 
     def _train_mode(self) -> None:
         """Adapters train; the frozen base runs in eval mode unless ``base_dropout``.
@@ -210,7 +212,11 @@ class LocalTrainer:
             rows = [example for k in range(group.start, group.stop) for example in features[k]]
             batch = {key: value.to(self.device) for key, value in self.collate(rows).items()}
             with self.peer_model.serving(group):
-                peer_losses = self.task.peer_losses(model, batch, group.stop - group.start)
+                if self.logit_offsets is None:
+                    peer_losses = self.task.peer_losses(model, batch, group.stop - group.start)
+                else:
+                    peer_losses = self.task.peer_losses(model, batch, group.stop - group.start,
+                                                        logit_offset=self.logit_offsets[group].to(self.device))
             peer_losses.sum().backward()
             losses[group] = peer_losses.detach().float().cpu()
         if self.correction is not None:

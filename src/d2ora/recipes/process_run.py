@@ -52,7 +52,7 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
     message_bytes = message_numel(layout, config.share) * wire_itemsize(layout.dtype, wire_dtype(config))
     return {
         "name": config.run_name, "mixer": "centralized" if config.centralized else config.mixer,
-        "robust": config.robust, "share": config.share, "drift": config.drift, "prox_mu": config.prox_mu, "attack": config.attack, "byzantine": config.byzantine, "method": config.method, "r": config.r, "model": config.model_name,
+        "robust": config.robust, "share": config.share, "drift": config.drift, "prox_mu": config.prox_mu, "logit_adjust": config.logit_adjust, "attack": config.attack, "byzantine": config.byzantine, "method": config.method, "r": config.r, "model": config.model_name,
         "task": config.task, "metric": data.task.metric, "higher_is_better": data.task.higher_is_better, "peers": session.peers,
         "topology": session.network.description, "spectral_gap": session.network.spectral_gap,
         "partition": config.partition_label(), "rounds": config.rounds, "local_steps": config.local_steps,

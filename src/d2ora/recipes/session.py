@@ -32,6 +32,7 @@ from d2ora.engine.local_steps import LocalTrainer
 from d2ora.engine.peers import PeerModel
 from d2ora.engine.round import RoundPlan
 from d2ora.engine.drift import LocalCorrection
+from d2ora.engine.label_prior import log_prior_offsets
 from d2ora.engine.exchange import Exchange
 from d2ora.engine.layout import AdapterLayout
 from d2ora.engine.share import SharedPartsExchange, shared_mask
@@ -243,6 +244,9 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
         weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
         group_size=min(config.group_size(device), len(hosted)), base_dropout=config.base_dropout, device=device,
     )
+    if config.logit_adjust > 0:  # each hosted peer's own label prior, from its own training shard
+        trainer.logit_offsets = log_prior_offsets([data.labels[data.train_shards[k]] for k in hosted], data.n_classes,
+                                                  config.logit_adjust)
     if config.drift != "none" or config.prox_mu > 0:
         trainer.correction = LocalCorrection(peer_model, config.drift, beta=config.drift_beta, prox_mu=config.prox_mu,
                                              factors_replaced=network.mixer.factors_replaced)

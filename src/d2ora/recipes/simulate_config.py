@@ -107,6 +107,7 @@ class SimulateConfig(BaseModel):
     drift: str = Field("none", description="Drift correction of the local steps (d2ora.engine.drift): none, qgm (quasi-global momentum, no extra bytes) or kgt (gradient tracking with local steps; doubles the bytes).")
     drift_beta: float = Field(0.9, ge=0, lt=1, description="qgm: the quasi-global momentum's β.")
     prox_mu: float = Field(0.0, ge=0, description="FedProx: weight μ of the proximal term μ/2·||x − x_round_start||² in every local step (0: none).")
+    logit_adjust: float = Field(0.0, ge=0, description="Label-prior logit adjustment τ (d2ora.engine.label_prior): each peer trains on softmax(logits + τ·log of its own label frequencies), so the head does not learn its label prior; evaluation uses plain logits (0: none; 1 is the usual value).")
     peer_group_size: int | None = Field(
         None, ge=1,
         description="Peers per forward pass (bounds activation memory); null: all peers on a GPU, and on a CPU as many "
@@ -213,6 +214,10 @@ class SimulateConfig(BaseModel):
             raise ValueError("share: magnitude shares DoRA's magnitudes, and method lora has none")
 
     def _check_drift(self) -> None:
+        if self.logit_adjust > 0 and self.task != "classification":
+            raise ValueError("logit_adjust adjusts class logits by each peer's label prior: it needs task classification")
+        if self.logit_adjust > 0 and self.centralized:
+            raise ValueError("logit_adjust removes each peer's own label prior; mode centralized has one peer on the pooled data (set logit_adjust: 0)")
         if self.drift == "none":
             return
         if self.centralized or self.mixer == "local":
@@ -249,14 +254,15 @@ class SimulateConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """The method's name in reports: the mixer (with its robust rule, drift correction and FedProx
-        μ, e.g. 'decaf+kgt+prox0.01'), or 'centralized'."""
+        """The method's name in reports: the mixer (with its robust rule, drift correction, FedProx μ
+        and logit adjustment τ, e.g. 'decaf+kgt+prox0.01+la1'), or 'centralized'."""
         if self.centralized:
             return CENTRALIZED
         parts = [self.mixer]
         parts += [self.robust] if self.robust != "none" else []
         parts += [self.drift] if self.drift != "none" else []
         parts += [f"prox{self.prox_mu:g}"] if self.prox_mu > 0 else []
+        parts += [f"la{self.logit_adjust:g}"] if self.logit_adjust > 0 else []
         return "+".join(parts)
 
     @property
