@@ -10,15 +10,15 @@ accuracy p is sqrt(p(1-p)/334), 1.3 points at 90%, 2.7 at 50%). Seeds change the
 partition, the adapter init and the batch order; all methods of one seed share them.
 
 Methods: local, d2ora, decaf, dora_exact, each of the last three with drift: qgm and drift: kgt;
-DeCAF with 4 gossip steps per round (4x the bytes); D²ORA and DeCAF with the label-prior logit
-adjustment (τ = 1); FedAvg over factors, over products and over merged weights; FedProx (FedAvg + μ
-= 0.01); centralized; at α = 0.1 also the personalization splits (d2ora with share: direction,
-magnitude, lora_a).
+DeCAF with 4 gossip steps per round (4x the bytes); D²ORA, DeCAF and DoRA-exact with the label-prior
+logit adjustment (τ = 1); FedAvg over factors, over products and over merged weights; FedProx
+(FedAvg + μ 0.01); centralized; at α = 0.1 also the personalization splits (d2ora with share:
+direction, magnitude, lora_a).
 
 Why this budget: the issue asks for more samples than experiments/bbc_news (5,120) and a grid of
 about 4 CPU-hours. Measured on this machine (December 2026), a run at 64 tokens took 10-11 minutes
 (centralized: 601 s; 78 s per round of 1,280 samples plus 55 s per evaluation of 9 models), so the
-grid's 57 runs would take about 9 hours. Halving the tokens to 32 halves both, to about 5.5 minutes
+grid's 57 runs would take about 10 hours. Halving the tokens to 32 halves both, to about 5.5 minutes
 a run. The grid is 41 runs at seed 0 (22 at α = 0.1, 19 at α = 0.5); seeds 1 and 2 then repeat only
 centralized, DeCAF and the two best other methods of seed 0 at each α (:func:`repeated`): 16 runs.
 That is about 5 CPU-hours in all: over the target, and run across two sessions. The script runs seed
