@@ -55,6 +55,11 @@ class Study:
         rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
         return json.loads((path / "summary.json").read_text()), rows
 
+    def evaluated_rounds(self) -> list[int]:
+        """The rounds with a test evaluation: 0, every ``eval_every``-th, and the last."""
+        rounds, every = self.config["rounds"], self.config.get("eval_every", 1)
+        return sorted({0, rounds, *range(every, rounds + 1, every)})
+
     def grid(self) -> list[tuple[float, str, int]]:
         first, later = self.seeds[0], self.seeds[1:]
         runs = [(alpha, label, first) for alpha in self.alphas for label in self.methods(alpha)]
@@ -100,6 +105,13 @@ def mean_std(values: list[float]) -> str:
     return f"{known.mean:.1f}" if known.std is None else f"{known.mean:.1f} ± {known.std:.1f}"
 
 
+def curve(runs: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[tuple[int, float]]:
+    """(round, mean consensus accuracy over the runs) at every round all the runs evaluated."""
+    per_run = [{row["round"]: accuracy(row["consensus_test"]) for row in rows if row.get("consensus_test")} for _, rows in runs]
+    common = sorted(set.intersection(*(set(p) for p in per_run)))
+    return [(r, statistics.mean(p[r] for p in per_run)) for r in common]
+
+
 def reached(rows: list[dict[str, Any]], target: float) -> tuple[int, float] | None:
     """(round, bytes sent) of the first evaluated round whose consensus model is within WITHIN points of target."""
     from d2ora.report.stats import first_reaching
@@ -141,8 +153,13 @@ def report(study: Study) -> None:
                 f"{statistics.mean(c[0] for c in hits):.1f} rounds, {statistics.mean(c[1] for c in hits) / 1e6:.0f} MB ({len(hits)}/{len(caught)})"
                 if hits else f"not in {rounds} rounds (0/{len(caught)})")
             megabytes = statistics.mean(f["bytes_sent_total"] for f in finals) / 1e6
-            table.append((label, len(runs), mean_std(consensus), mean_std(mean_peer), mean_std(local), f"{megabytes:.0f}", caught_text))
-            results[f"alpha{alpha}/{label}"] = {"seeds": sorted(runs), "consensus": consensus, "mean_peer": mean_peer,
+            gaps = [accuracy(r[0]["final"]["consensus_test"]) - central[seed] for seed, r in runs.items() if seed in central]
+            by_round = curve(list(runs.values()))
+            table.append((label, len(runs), mean_std(consensus), mean_std(gaps) if gaps else "-",
+                          " / ".join(f"{acc:.1f}" for _, acc in by_round[1:]),
+                          mean_std(mean_peer), mean_std(local), f"{megabytes:.0f}", caught_text))
+            results[f"alpha{alpha}/{label}"] = {"seeds": sorted(runs), "consensus": consensus, "gap_to_centralized": gaps,
+                                                "consensus_by_round": by_round, "mean_peer": mean_peer,
                                                 "mean_local": local, "mb_sent": megabytes, "caught_up": caught}
         lines += [f"## Dirichlet α = {alpha}", ""]
         if central:
@@ -150,8 +167,10 @@ def report(study: Study) -> None:
         se = "" if not n_test else (f"One standard error of a test accuracy p is √(p(1−p)/n_test): "
                                     f"{100 * math.sqrt(0.9 * 0.1 / n_test):.1f} points at 90%, "
                                     f"{100 * math.sqrt(0.25 / n_test):.1f} at 50% (n_test = {n_test}).")
-        lines += [se, "", "| method | n | consensus (global test) | mean peer (global test) | mean peer (own held-out split) | MB sent | caught up with centralized |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        evaluated = " / ".join(str(r) for r in study.evaluated_rounds()[1:])
+        header = (f"| method | n | consensus (global test) | gap to centralized | consensus after rounds {evaluated} (mean) "
+                  "| mean peer (global test) | mean peer (own held-out split) | MB sent | caught up with centralized |")
+        lines += [se, "", header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         lines += [f"| {' | '.join(str(c) for c in row)} |" for row in table]
         lines.append("")
         plot_alpha(study, alpha)
