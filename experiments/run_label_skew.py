@@ -20,9 +20,10 @@ about 4 CPU-hours. Measured on this machine (December 2026), a run at 64 tokens 
 (centralized: 601 s; 78 s per round of 1,280 samples plus 55 s per evaluation of 9 models), so the
 grid's 57 runs would take about 10 hours. Halving the tokens to 32 halves both, to about 5.5 minutes
 a run. The grid is 41 runs at seed 0 (22 at α = 0.1, 19 at α = 0.5); seeds 1 and 2 then repeat only
-centralized, DeCAF and the two best other methods of seed 0 at each α (:func:`repeated`): 16 runs.
-That is about 5 CPU-hours in all: over the target, and run across two sessions. The script runs seed
-0 first, then the extra seeds, skipping every run whose summary.json exists.
+centralized, DeCAF and the two best other decentralized methods of seed 0 at each α
+(:func:`repeated`): 16 runs. That is about 5 CPU-hours in all: over the target, and run across two
+sessions. The script runs seed 0 first, then the extra seeds, skipping every run whose summary.json
+exists.
 
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/run_label_skew.py --plan      # list the runs left
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/run_label_skew.py --limit 6   # run the next 6
@@ -71,8 +72,10 @@ PERSONAL: dict[str, dict[str, Any]] = {
     "d2ora share lora_a": {"mixer": "d2ora", "share": "lora_a"},
 }
 #: What seeds 1 and 2 always repeat: the upper bound and today's best mixer; plus the BEST_AFTER
-#: methods with the highest seed-0 consensus accuracy at that α.
+#: decentralized methods with the highest seed-0 consensus accuracy at that α (the targets are
+#: about decentralized methods; the server rules run once).
 BASELINES = ("centralized", "decaf")
+FEDERATED = ("fedavg", "fedavg_products", "fedavg_exact", "fedprox")
 BEST_AFTER = 2
 
 
@@ -81,7 +84,7 @@ def methods_for(alpha: float) -> dict[str, dict[str, Any]]:
 
 
 def repeated(alpha: float) -> list[str]:
-    return [*BASELINES, *(best_methods(STUDY, alpha, BEST_AFTER, exclude=BASELINES) or [])]
+    return [*BASELINES, *(best_methods(STUDY, alpha, BEST_AFTER, exclude=(*BASELINES, *FEDERATED)) or [])]
 
 
 STUDY = Study(

@@ -41,8 +41,6 @@ FIXED: dict[str, dict[str, Any]] = {
     "d2ora": {"mixer": "d2ora"},
     "decaf": {"mixer": "decaf"},
 }
-#: Server rules: not decentralized, so not candidates for "the best decentralized method".
-FEDERATED = ("fedavg", "fedavg_products", "fedavg_exact", "fedprox")
 
 
 def data_file() -> Path:
@@ -60,7 +58,7 @@ def data_file() -> Path:
 
 def best_on_bbc(alpha: float) -> list[str]:
     """The BBC News study's best decentralized method at α (empty until its first seed is complete)."""
-    return best_methods(run_label_skew.STUDY, alpha, 1, exclude=("centralized", *FEDERATED)) or []
+    return best_methods(run_label_skew.STUDY, alpha, 1, exclude=("centralized", *run_label_skew.FEDERATED)) or []
 
 
 def methods_for(alpha: float) -> dict[str, dict[str, Any]]:
