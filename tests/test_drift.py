@@ -26,12 +26,7 @@ TOKENIZER = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
 TASK = ClassificationTask(label_names=["a", "b", "c"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

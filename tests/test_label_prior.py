@@ -21,12 +21,7 @@ from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_offsets_are_tau_times_the_log_of_each_peers_label_frequencies() -> None:

@@ -8,7 +8,7 @@ trained with plain ``torch.optim.AdamW`` and ``clip_grad_norm_``, or the definit
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,13 +42,7 @@ Features = list[list[dict[str, Any]]]
 
 # --- models and data ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add contention (100x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
 
 
 @pytest.fixture(scope="module")
