@@ -22,6 +22,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 WITHIN = 2.0  # points of centralized's final accuracy that count as "caught up"
+#: Rows with different seed counts cannot be compared by their means (seeds differ far more than
+#: methods do), so every method is also compared with this one on the seeds both ran: a paired difference.
+PAIRED_WITH = "decaf"
 
 #: The run shape every study shares: 8 peers on a ring, 6 rounds x 10 local steps x batch 16, 32 tokens.
 BASE: dict[str, Any] = {
@@ -120,11 +123,23 @@ def reached(rows: list[dict[str, Any]], target: float) -> tuple[int, float] | No
     return None if hit is None else (hit.round, hit.bytes_sent_total)
 
 
+def paired_difference(study: Study, alpha: float, runs: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[float]:
+    """Final consensus accuracy minus PAIRED_WITH's, for each seed both ran (empty if it never ran)."""
+    differences = []
+    for seed, (summary, _) in runs.items():
+        reference = study.load(alpha, PAIRED_WITH, seed)
+        if reference is not None:
+            differences.append(accuracy(summary["final"]["consensus_test"]) - accuracy(reference[0]["final"]["consensus_test"]))
+    return differences
+
+
 def report(study: Study) -> None:
     rounds = study.config["rounds"]
     legend = ("Accuracies in %, mean ± sample standard deviation over the seeds run (n). 'caught up': the first "
               "evaluated round (and MB sent by then) whose consensus model is within "
-              f"{WITHIN:g} points of centralized's final accuracy for the same seed (k/n seeds reached it).")
+              f"{WITHIN:g} points of centralized's final accuracy for the same seed (k/n seeds reached it). "
+              f"'vs {PAIRED_WITH}': the consensus accuracy minus {PAIRED_WITH}'s on the same seeds (same split, "
+              "partition and initialisation): the fair comparison between rows with different n.")
     lines = [f"# Label skew on {study.title}: 8 peers on a ring, MiniLM + DoRA r = 8", "", study.setup_note, "", legend, ""]
     results: dict[str, Any] = {}
     for alpha in study.alphas:
@@ -154,11 +169,14 @@ def report(study: Study) -> None:
                 if hits else f"not in {rounds} rounds (0/{len(caught)})")
             megabytes = statistics.mean(f["bytes_sent_total"] for f in finals) / 1e6
             gaps = [accuracy(r[0]["final"]["consensus_test"]) - central[seed] for seed, r in runs.items() if seed in central]
+            paired = paired_difference(study, alpha, runs)
             by_round = curve(list(runs.values()))
             table.append((label, len(runs), mean_std(consensus), mean_std(gaps) if gaps else "-",
+                          "-" if not paired or label == PAIRED_WITH else f"{mean_std(paired)} ({len(paired)})",
                           " / ".join(f"{acc:.1f}" for _, acc in by_round[1:]),
                           mean_std(mean_peer), mean_std(local), f"{megabytes:.0f}", caught_text))
             results[f"alpha{alpha}/{label}"] = {"seeds": sorted(runs), "consensus": consensus, "gap_to_centralized": gaps,
+                                                f"minus_{PAIRED_WITH}_same_seeds": paired,
                                                 "consensus_by_round": by_round, "mean_peer": mean_peer,
                                                 "mean_local": local, "mb_sent": megabytes, "caught_up": caught}
         lines += [f"## Dirichlet α = {alpha}", ""]
@@ -168,9 +186,10 @@ def report(study: Study) -> None:
                                     f"{100 * math.sqrt(0.9 * 0.1 / n_test):.1f} points at 90%, "
                                     f"{100 * math.sqrt(0.25 / n_test):.1f} at 50% (n_test = {n_test}).")
         evaluated = " / ".join(str(r) for r in study.evaluated_rounds()[1:])
-        header = (f"| method | n | consensus (global test) | gap to centralized | consensus after rounds {evaluated} (mean) "
+        header = (f"| method | n | consensus (global test) | gap to centralized | vs {PAIRED_WITH} (seeds) "
+                  f"| consensus after rounds {evaluated} (mean) "
                   "| mean peer (global test) | mean peer (own held-out split) | MB sent | caught up with centralized |")
-        lines += [se, "", header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        lines += [se, "", header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         lines += [f"| {' | '.join(str(c) for c in row)} |" for row in table]
         lines.append("")
         plot_alpha(study, alpha)
