@@ -2,7 +2,8 @@
 
 Part 1 runs ``d2ora simulate`` once per method, one run right after the other (8 MiniLM peers, ring,
 DoRA r=8, 64 tokens, batch 8): DeCAF (the reference), D²ORA, DoRA-exact, the three FedAvg server
-rules, the drift corrections (QGM, K-GT, FedProx) and a personalized split (share: direction). Each
+rules, the drift corrections (QGM, K-GT, FedProx), the label-prior logit adjustment, DeCAF with 4
+gossip steps per round and a personalized split (share: direction). Each
 row gives the median over rounds 2.. of the round's local-step, exchange and mixing seconds, the
 bytes every peer sends per round, and both as ratios to DeCAF's.
 
@@ -52,6 +53,8 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("decaf+kgt", {"mixer": "decaf", "drift": "kgt"}),
     ("d2ora+kgt", {"mixer": "d2ora", "drift": "kgt"}),
     ("decaf+prox0.01", {"mixer": "decaf", "prox_mu": 0.01}),
+    ("decaf+logit_adjust", {"mixer": "decaf", "logit_adjust": 1.0}),
+    ("decaf, 4 gossip steps", {"mixer": "decaf", "mixing_steps": 4}),
     ("d2ora, share direction", {"mixer": "d2ora", "share": "direction"}),
 ]
 
