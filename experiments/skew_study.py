@@ -133,6 +133,16 @@ def paired_difference(study: Study, alpha: float, runs: dict[int, tuple[dict[str
     return differences
 
 
+def majority_share(study: Study, alpha: float) -> float | None:
+    """% of the first seed's training samples in the most frequent class (the always-predict-it baseline)."""
+    for label in study.methods(alpha):
+        got = study.load(alpha, label, study.seeds[0])
+        if got and got[0].get("label_counts"):
+            totals = [sum(column) for column in zip(*got[0]["label_counts"])]
+            return 100 * max(totals) / sum(totals)
+    return None
+
+
 def report(study: Study) -> None:
     rounds = study.config["rounds"]
     legend = ("Accuracies in %, mean ± sample standard deviation over the seeds run (n). 'caught up': the first "
@@ -182,6 +192,10 @@ def report(study: Study) -> None:
         lines += [f"## Dirichlet α = {alpha}", ""]
         if central:
             lines.append(f"Centralized final accuracy: {mean_std(list(central.values()))}.")
+        majority = majority_share(study, alpha)
+        if majority is not None:
+            lines.append(f"The most frequent class is {majority:.1f}% of the training samples: a model that always "
+                         "predicts it scores about that on a stratified test set.")
         se = "" if not n_test else (f"One standard error of a test accuracy p is √(p(1−p)/n_test): "
                                     f"{100 * math.sqrt(0.9 * 0.1 / n_test):.1f} points at 90%, "
                                     f"{100 * math.sqrt(0.25 / n_test):.1f} at 50% (n_test = {n_test}).")
