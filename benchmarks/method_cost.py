@@ -12,7 +12,7 @@ Part 2 times one mixing call of DoRA-exact against DeCAF and D²ORA on MiniLM-sh
 server mix (k=8). DoRA-exact adds, per neighbour and layer, the factored row norms ||W0 + s·B_jA_j||_c
 (O(out·in·r)) before the same factored TSVD.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/method_cost.py           # ~12 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/method_cost.py           # ~8-12 min on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/method_cost.py --quick   # ~4 min
 """
 
