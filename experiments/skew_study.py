@@ -123,14 +123,15 @@ def reached(rows: list[dict[str, Any]], target: float) -> tuple[int, float] | No
     return None if hit is None else (hit.round, hit.bytes_sent_total)
 
 
-def paired_difference(study: Study, alpha: float, runs: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]]) -> list[float]:
-    """Final consensus accuracy minus PAIRED_WITH's, for each seed both ran (empty if it never ran)."""
-    differences = []
-    for seed, (summary, _) in runs.items():
-        reference = study.load(alpha, PAIRED_WITH, seed)
-        if reference is not None:
-            differences.append(accuracy(summary["final"]["consensus_test"]) - accuracy(reference[0]["final"]["consensus_test"]))
-    return differences
+def final_by_seed(study: Study, alpha: float, label: str) -> dict[int, float]:
+    """seed -> final consensus accuracy of ``label`` at α, for the seeds it ran."""
+    finals = {seed: study.load(alpha, label, seed) for seed in study.seeds}
+    return {seed: accuracy(got[0]["final"]["consensus_test"]) for seed, got in finals.items() if got is not None}
+
+
+def minus(runs: dict[int, tuple[dict[str, Any], list[dict[str, Any]]]], reference: dict[int, float]) -> list[float]:
+    """Final consensus accuracy minus the reference's, for each seed both ran."""
+    return [accuracy(r[0]["final"]["consensus_test"]) - reference[seed] for seed, r in runs.items() if seed in reference]
 
 
 def majority_share(study: Study, alpha: float) -> float | None:
@@ -154,11 +155,8 @@ def report(study: Study) -> None:
     results: dict[str, Any] = {}
     for alpha in study.alphas:
         table = []
-        central: dict[int, float] = {}
-        for seed in study.seeds:
-            got = study.load(alpha, "centralized", seed)
-            if got:
-                central[seed] = accuracy(got[0]["final"]["consensus_test"])
+        central = final_by_seed(study, alpha, "centralized")
+        paired_reference = final_by_seed(study, alpha, PAIRED_WITH)
         if not central and not any(study.load(alpha, m, study.seeds[0]) for m in study.methods(alpha)):
             continue
         n_test = None
@@ -178,8 +176,8 @@ def report(study: Study) -> None:
                 f"{statistics.mean(c[0] for c in hits):.1f} rounds, {statistics.mean(c[1] for c in hits) / 1e6:.0f} MB ({len(hits)}/{len(caught)})"
                 if hits else f"not in {rounds} rounds (0/{len(caught)})")
             megabytes = statistics.mean(f["bytes_sent_total"] for f in finals) / 1e6
-            gaps = [accuracy(r[0]["final"]["consensus_test"]) - central[seed] for seed, r in runs.items() if seed in central]
-            paired = paired_difference(study, alpha, runs)
+            gaps = minus(runs, central)
+            paired = minus(runs, paired_reference)
             by_round = curve(list(runs.values()))
             table.append((label, len(runs), mean_std(consensus), mean_std(gaps) if gaps else "-",
                           "-" if not paired or label == PAIRED_WITH else f"{mean_std(paired)} ({len(paired)})",
