@@ -12,9 +12,9 @@ can read off whether the gap to centralized shrinks with rounds and when a metho
 Methods: centralized (the same samples on one peer), DeCAF, and the BBC News study's best
 decentralized method at each α, picked by its rule (α = 0.1: DeCAF + logit adjustment; α = 0.5:
 DeCAF + QGM). D²ORA is left out: on both data sets it trails DeCAF or sits on the majority class.
-Seed 0 at both α; on BBC News also seed 1 at α = 0.1. Measured on this 2-core machine, a 16-round
-run takes 7–9 minutes on BBC News and 10–13 on Rotten Tomatoes (its evaluations use 1,000 snippets),
-so BBC News's 9 runs are about 70 minutes and Rotten Tomatoes's 6 about 70.
+Seeds 0 and 1 on BBC News, seed 0 on Rotten Tomatoes. Measured on this 2-core machine, a 16-round
+run takes 6.5–9 minutes on BBC News and 10–13 on Rotten Tomatoes (its evaluations use 1,000
+snippets), so BBC News's 12 runs are about 90 minutes and Rotten Tomatoes's 6 about 70.
 
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/run_long_budget.py --data bbc_news --plan
     HF_HUB_OFFLINE=1 .venv/bin/python experiments/run_long_budget.py --data bbc_news            # missing runs
@@ -72,9 +72,9 @@ def rotten_tomatoes_prepare(study: Study) -> Callable[[], None]:
 
 def build(data: str) -> tuple[Study, Callable[[], None] | None]:
     if data == "bbc_news":
-        # α = 0.1 is where the short budget missed its target furthest and seeds differed most,
-        # so one seed is not enough to say whether a longer budget meets it.
-        return long_budget(run_label_skew.STUDY, second_seed_at=(0.1,)), None
+        # The targets are about BBC News, and the short budget's seeds differed by up to 12 points:
+        # one seed is not enough to say whether a longer budget meets them.
+        return long_budget(run_label_skew.STUDY, second_seed_at=(0.1, 0.5)), None
     study = long_budget(run_unseen_dataset.STUDY)
     return study, rotten_tomatoes_prepare(study)
 
