@@ -80,8 +80,9 @@ STUDY = Study(
 )
 
 
-def prepare() -> None:
-    STUDY.config["data"] = str(data_file())
+def prepare(study: Study = STUDY) -> None:
+    """Point ``study`` (this one, or one built on its config) at the installed data file."""
+    study.config["data"] = str(data_file())
 
 
 if __name__ == "__main__":
