@@ -4,6 +4,7 @@ vectors (factors, or the products s·B·A formed densely here in the tests only)
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -17,13 +18,16 @@ from d2ora.mixers import (
     FedAvgMixer,
     LayerStack,
     LocalMixer,
+    MixOutput,
     Neighbourhoods,
     RobustMixer,
     make_mixer,
     make_robust,
     mix_stacks,
+    unwrapped,
 )
 from d2ora.mixers.robust import (
+    COORDINATE_RULES,
     REWEIGHTING_RULES,
     centred_gram,
     check_neighbourhood,
@@ -208,7 +212,7 @@ def test_krum_matches_loop_reference(rule, f, select):
     x = flat_factors(hood.layers, hood.dense, lead=2)
     c = reference_weights(hood, x, rule, f, select=select)
     options = {"select": select} if select else {}
-    mixer = RobustMixer(D2oraMixer(), rule, byzantine=f, **options)
+    mixer = ROBUST_RULES[rule](D2oraMixer(), byzantine=f, **options)
     torch.testing.assert_close(mixer.neighbour_weights(hood), c, rtol=0, atol=1e-12)
     out = mixer.mix(hood)
     got = flat_factors(out.layers, out.dense, lead=1)
@@ -222,7 +226,7 @@ def test_krum_matches_loop_reference(rule, f, select):
 def test_clipping_matches_loop_reference(rule, f, tau):
     hood = make_hood(g=3, k=6, seed=5)
     x = flat_factors(hood.layers, hood.dense, lead=2)
-    mixer = RobustMixer(FedAvgMixer(), rule, byzantine=f, tau=tau, iterations=4)
+    mixer = ROBUST_RULES[rule](FedAvgMixer(), byzantine=f, tau=tau, iterations=4)
     out = mixer.mix(hood)
     got = flat_factors(out.layers, out.dense, lead=1)
     its = 1 if rule == "self_centered_clipping" else 4
@@ -262,7 +266,7 @@ def test_decaf_reweighting_matches_dense_product_reference(rule, f, tau):
     hood = make_hood(g=2, k=5, seed=8)
     x = flat_products(hood.layers, hood.dense, lead=2)
     c_ref = reference_weights(hood, x, rule, f, tau=tau)
-    mixer = RobustMixer(DecafMixer(), rule, byzantine=f, tau=tau)
+    mixer = ROBUST_RULES[rule](DecafMixer(), byzantine=f, tau=tau)
     c = mixer.neighbour_weights(hood)
     torch.testing.assert_close(c, c_ref, rtol=0, atol=1e-10)
     out = mixer.mix(hood)
@@ -464,3 +468,53 @@ def test_unsupported_combinations_say_why():
         robust_weights(make_hood(), "median", "factors")
     assert [make_mixer(n).robust_space for n in ("d2ora", "fedavg", "decaf", "dimat", "local")] == \
         ["factors", "factors", "products", None, None]
+
+
+# --------------------------------------------------------------------------- registry, contract
+
+
+def test_registry_holds_one_class_per_rule():
+    assert list(ROBUST_RULES) == ["trimmed_mean", "median", "krum", "multi_krum", "centered_clipping",
+                                  "self_centered_clipping"]  # the order ("none", *ROBUST_RULES) lists
+    classes = list(ROBUST_RULES.values())
+    assert len(set(classes)) == len(classes)  # one class per rule, none registered twice
+    for name, cls in ROBUST_RULES.items():
+        assert issubclass(cls, RobustMixer) and cls.rule == name
+        assert type(make_robust(D2oraMixer(), name)) is cls
+    # Each rule declares its spaces: the coordinate-wise ones factor space only, the others both.
+    assert [n for n, cls in ROBUST_RULES.items() if cls.spaces == ("factors",)] == list(COORDINATE_RULES)
+    assert all(cls.spaces == ("factors", "products") for n, cls in ROBUST_RULES.items() if n in REWEIGHTING_RULES)
+
+
+class _Unmixable:
+    """A mixer of this test only: no robust geometry, and its own reason why (no name table knows it)."""
+
+    name: ClassVar[str] = "unmixable_for_test"
+    factors_replaced: ClassVar[bool] = False
+    needs_layer_inputs: ClassVar[bool] = False
+    robust_space: ClassVar[str | None] = None
+    no_robust_reason: ClassVar[str | None] = "its adapters live on a xylophone the rules cannot measure"
+
+    def mix(self, hood: Neighbourhoods) -> MixOutput:
+        raise AssertionError("never mixed")
+
+
+class _Silent(_Unmixable):
+    no_robust_reason: ClassVar[str | None] = None
+
+
+@pytest.mark.parametrize("rule", ROBUST_RULES)
+def test_refusal_quotes_the_mixers_own_reason(rule):
+    with pytest.raises(ValueError, match=r"'unmixable_for_test' mixer: its adapters live on a xylophone the rules "
+                                         r"cannot measure\. Robust rules work with d2ora and fedavg"):
+        make_robust(_Unmixable(), rule)
+    with pytest.raises(ValueError, match=r"declares no robust geometry \(robust_space = None\)"):
+        make_robust(_Silent(), rule)
+    # The shipped mixers declare theirs the same way.
+    assert "activation matching" in DimatMixer.no_robust_reason and "does not mix" in LocalMixer.no_robust_reason
+
+
+def test_unwrapped_gives_the_plain_rule():
+    base = DecafMixer()
+    assert unwrapped(base) is base
+    assert unwrapped(make_robust(base, "krum", byzantine=0)) is base

@@ -26,7 +26,7 @@ from d2ora.engine.evaluate import evaluate_peers
 from d2ora.engine.host import PeerHost
 from d2ora.engine.layout import AdapterLayout
 from d2ora.mixers import D2oraMixer, LocalMixer, Mixer
-from d2ora.mixers.base import LayerInputs, Neighbourhoods
+from d2ora.mixers.base import LayerInputs, Neighbourhoods, unwrapped
 
 #: The gossip-step slot of the key that draws the consensus model's DIMAT batch (gossip steps use 0..).
 CONSENSUS_STEP = 1 << 20
@@ -75,7 +75,7 @@ class ConsensusMonitor:
         self.host = host
         # A Byzantine-robust rule guards a peer against its neighbours; the consensus model is the
         # honest peers' agreement, so it is built by the underlying rule.
-        self.mixer = getattr(mixer, "base", mixer)
+        self.mixer = unwrapped(mixer)
         self.test_batches = list(test_batches)
         #: Whose adapters make the consensus (all peers; the honest ones when some attack).
         self.members = None if members is None else list(members)

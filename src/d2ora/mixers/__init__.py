@@ -1,14 +1,24 @@
 """Aggregation rules for decentralized DoRA/LoRA: one small class per rule, one file per class.
 
 ``MIXERS`` maps each rule's ``name`` to its class; ``make_mixer(name, **kwargs)`` builds one.
-``make_robust(mixer, rule, **options)`` wraps one in a Byzantine-robust rule (``ROBUST_RULES``).
+``make_robust(mixer, rule, **options)`` wraps one in a Byzantine-robust rule (``ROBUST_RULES``, one
+class per rule in ``d2ora.mixers.robust``); ``unwrapped(mixer)`` is the plain rule under a wrapper.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from d2ora.mixers.base import LayerInputs, LayerStack, Mixer, MixOutput, Neighbourhoods, mix_dense_linearly
+from d2ora.mixers.base import (
+    LayerInputs,
+    LayerStack,
+    Mixer,
+    MixerWrapper,
+    MixOutput,
+    Neighbourhoods,
+    mix_dense_linearly,
+    unwrapped,
+)
 from d2ora.mixers.d2ora import D2oraMixer
 from d2ora.mixers.decaf import DecafMixer
 from d2ora.mixers.dimat import DimatMixer
@@ -47,20 +57,22 @@ __all__ = [
     "DimatMixer",
     "DoraExactMixer",
     "FedAvgExactMixer",
-    "FedAvgProductsMixer",
     "FedAvgMixer",
+    "FedAvgProductsMixer",
     "LayerInputs",
     "LayerStack",
     "LocalMixer",
     "MixOutput",
     "Mixer",
+    "MixerWrapper",
     "Neighbourhoods",
     "RobustMixer",
     "closed_neighbourhood",
     "degree_groups",
     "is_federated",
-    "mix_stacks",
     "make_mixer",
     "make_robust",
     "mix_dense_linearly",
+    "mix_stacks",
+    "unwrapped",
 ]

@@ -76,14 +76,38 @@ class Mixer(Protocol):
     ``robust_space`` is the geometry in which ``d2ora.mixers.robust`` measures distances between
     neighbours for this rule: ``"factors"`` (the flat A, B, m, dense vector; the rule averages
     factors), ``"products"`` (s·B·A per layer, plus m and dense; the rule mixes products), or None
-    (no Byzantine-robust variant: the rule does not take a weighted combination of raw adapters)."""
+    (no Byzantine-robust variant: the rule does not take a weighted combination of raw adapters).
+    ``no_robust_reason`` says why in that last case, as one clause the refusal quotes ("it ...").
+
+    Mixers satisfy this protocol structurally (they do not subclass it), so the optional member
+    ``no_robust_reason`` is read with a default of None. A mixer that runs another one inside its
+    own rule subclasses ``MixerWrapper``; ``unwrapped(mixer)`` is the plain rule underneath."""
 
     name: ClassVar[str]
     factors_replaced: ClassVar[bool]
     needs_layer_inputs: ClassVar[bool]
     robust_space: ClassVar[str | None]
+    no_robust_reason: ClassVar[str | None] = None
 
     def mix(self, hood: Neighbourhoods) -> MixOutput: ...
+
+
+class MixerWrapper:
+    """A mixer that runs another mixer, ``base``, inside its own rule (e.g. the Byzantine-robust
+    rules of ``d2ora.mixers.robust``, which re-weight or screen a neighbourhood before the base mixes
+    it). Subclassing it is how a wrapper declares what it wraps: see ``unwrapped``."""
+
+    def __init__(self, base: Mixer) -> None:
+        self.base = base
+
+
+def unwrapped(mixer: Mixer) -> Mixer:
+    """The plain rule under ``mixer``: itself for a plain mixer, the innermost ``base`` for a
+    ``MixerWrapper``. The consensus monitor scores what honest peers agree on, which is built by
+    this rule (a robust wrapper guards one receiver against its neighbours, not the consensus)."""
+    while isinstance(mixer, MixerWrapper):
+        mixer = mixer.base
+    return mixer
 
 
 def mix_dense_linearly(weights: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:

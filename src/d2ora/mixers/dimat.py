@@ -98,6 +98,10 @@ class DimatMixer:
     factors_replaced: ClassVar[bool] = False
     needs_layer_inputs: ClassVar[bool] = True
     robust_space: ClassVar[str | None] = None  # aligns factors before averaging: raw distances mean nothing
+    no_robust_reason: ClassVar[str | None] = (
+        "it permutes each neighbour's rank components by activation matching before averaging, "
+        "so distances between unaligned factors are meaningless"
+    )
 
     def mix(self, hood: Neighbourhoods) -> MixOutput:
         if hood.layer_inputs is None:

@@ -20,6 +20,9 @@ class LocalMixer:
     factors_replaced: ClassVar[bool] = False
     needs_layer_inputs: ClassVar[bool] = False
     robust_space: ClassVar[str | None] = None  # nothing is mixed, so nothing to make robust
+    no_robust_reason: ClassVar[str | None] = (
+        "it does not mix: each peer keeps its own adapter, which no neighbour can influence"
+    )
 
     def mix(self, hood: Neighbourhoods) -> MixOutput:
         checked_weights(hood)
