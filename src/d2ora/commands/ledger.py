@@ -83,7 +83,7 @@ def show(
     run_dir: RunDirArgument,
     peer: Annotated[int | None, typer.Option("--peer", help="Only this peer's ledger.", show_default=False)] = None,
 ) -> None:
-    """A table of blocks per peer, and who was rejected for what (no checks: use verify)."""
+    """Show each peer's ledger blocks and who was rejected for what (it checks nothing: use verify)."""
     from d2ora.trust.ledger import Ledger, LedgerError, ledger_files
 
     files = ledger_files(run_dir)
@@ -142,7 +142,7 @@ def prove(
     round_: Annotated[int, typer.Option("--round", help="The training round.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print the proofs as JSON.")] = False,
 ) -> None:
-    """RFC 6962 audit paths showing PEER's round-ROUND envelopes are under its receivers' signed roots."""
+    """Print RFC 6962 audit paths proving PEER's round-ROUND envelopes are under its receivers' signed roots."""
     from d2ora.trust.audit import AuditError, inclusion
     from d2ora.trust.ledger import LedgerError
 

@@ -41,6 +41,14 @@ from pathlib import Path, PurePosixPath
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from d2ora.trust.blocks import (
+    Body,
+    BodyError,
+    FinalBody,
+    GenesisBody,
+    RoundBody,
+    parse_body,
+)
 from d2ora.trust.envelope import ENVELOPE_BYTES, EnvelopeError, parse, run_identity
 from d2ora.trust.identity import IdentityError, Roster, load_roster, verify
 from d2ora.trust.ledger import (
@@ -57,10 +65,10 @@ from d2ora.trust.ledger import (
     ledger_files,
 )
 from d2ora.trust.merkle import inclusion_proof, merkle_root, verify_inclusion
+from d2ora.trust.rejections import rejected_by_sender
 
 #: Genesis fields every peer of one run must share.
 SHARED_GENESIS = ("run_id", "roster_sha256", "config_sha256", "layout_sha256")
-ROUND_FIELDS = {"round": int, "merkle_root": str, "accepted": int, "rejected": list, "sent": list, "adapter_sha256": str}
 
 
 class AuditError(ValueError):
@@ -132,6 +140,7 @@ class _Peer:
     file: str  # as shown: relative to the run folder
     blocks: list[Block]
     true_hash: dict[int, str] = field(default_factory=dict)  # block index -> recomputed hash
+    bodies: dict[int, Body] = field(default_factory=dict)  # block index -> its body, if well-formed
     rounds: dict[int, Block] = field(default_factory=dict)  # round -> its round block (body well-formed)
     envelopes: dict[int, list[bytes]] = field(default_factory=dict)
     rejections: dict[int, list[Rejection]] = field(default_factory=dict)
@@ -140,6 +149,17 @@ class _Peer:
     def genesis(self) -> Block | None:
         first = self.blocks[0] if self.blocks else None
         return first if first is not None and first.kind == "genesis" and first.index == 0 else None
+
+    @property
+    def genesis_body(self) -> GenesisBody | None:
+        body = None if self.genesis is None else self.bodies.get(self.genesis.index)
+        return body if isinstance(body, GenesisBody) else None
+
+    def round_body(self, block: Block) -> RoundBody:
+        """The body of a block in ``rounds`` (only well-formed round bodies get there)."""
+        body = self.bodies[block.index]
+        assert isinstance(body, RoundBody)
+        return body
 
     def head_for(self, rnd: int) -> str | None:
         """The hash this peer's envelopes of round ``rnd`` must carry: its previous round block's
@@ -265,6 +285,11 @@ class _Audit:
                 bad(f"hash {str(b.hash)[:16]}… does not match its contents ({true[:16]}…): the block was edited")
             if key is not None and not _signed(key, b.signature, b.hash):
                 bad(f"signature is not peer {p.peer}'s (roster key) over the block hash")
+            if b.kind in ("genesis", "round", "final"):
+                try:
+                    p.bodies[b.index] = parse_body(b.kind, b.body)
+                except BodyError as exc:  # one problem naming the field; the body is not used further
+                    bad(str(exc))
             if b.kind == "genesis" and b.round != 0:
                 bad(f"genesis round is {b.round!r}, not 0")
             if b.kind == "final":
@@ -279,29 +304,30 @@ class _Audit:
                     expected_round = b.round if isinstance(b.round, int) else expected_round
                 # Even a block that fails a check above stays usable for the cross-ledger checks
                 # (its envelopes are signed by their senders, its true hash is known): what it
-                # breaks there is reported too, after the chain problems.
-                if self.check_round_body(p, b, bad) and isinstance(b.round, int) and b.round not in p.rounds:
-                    p.rounds[b.round] = b
+                # breaks there is reported too, after the chain problems. A malformed body is not.
+                body = p.bodies.get(b.index)
+                if isinstance(body, RoundBody):
+                    self.check_round_body(p, b, body, bad)
+                    if isinstance(b.round, int) and b.round not in p.rounds:
+                        p.rounds[b.round] = b
 
-    def check_round_body(self, p: _Peer, b: Block, bad: Callable[[str], None]) -> bool:
-        """The round body's own checks; False when it is too malformed to use further."""
-        body = b.body
-        wrong = [k for k, t in ROUND_FIELDS.items() if not isinstance(body.get(k), t) or isinstance(body.get(k), bool)]
-        if wrong:
-            bad(f"round body lacks or mistypes {wrong}")
-            return False
-        if body["round"] != b.round:
-            bad(f"body says round {body['round']}, the block round {b.round}")
+    def check_round_body(self, p: _Peer, b: Block, body: RoundBody, bad: Callable[[str], None]) -> None:
+        """A well-formed round body against its block and the envelopes and rejections stored with it."""
+        if body.round != b.round:
+            bad(f"body says round {body.round}, the block round {b.round}")
         envelopes = p.envelopes.get(b.index, [])
         root = merkle_root(envelope_leaves(envelopes)).hex()
-        if root != body["merkle_root"]:
-            bad(f"merkle_root {body['merkle_root'][:16]}… does not match its {len(envelopes)} stored envelopes ({root[:16]}…)")
-        if body["accepted"] != len(envelopes):
-            bad(f"records {body['accepted']} accepted envelopes, the file stores {len(envelopes)}")
-        stored = [r.record() for r in p.rejections.get(b.index, [])]
-        if stored != body["rejected"]:
-            bad(f"its {len(body['rejected'])} rejection record(s) do not match the {len(stored)} stored")
-        return True
+        if root != body.merkle_root:
+            bad(f"merkle_root {body.merkle_root[:16]}… does not match its {len(envelopes)} stored envelopes ({root[:16]}…)")
+        if body.accepted != len(envelopes):
+            bad(f"records {body.accepted} accepted envelopes, the file stores {len(envelopes)}")
+        rows = p.rejections.get(b.index, [])
+        try:
+            stored: list | None = [r.as_record() for r in rows]
+        except BodyError:  # a rejections row edited to another type cannot match any record
+            stored = None
+        if stored != list(body.rejected):
+            bad(f"its {len(body.rejected)} rejection record(s) do not match the {len(rows)} stored")
 
     def check_lengths(self) -> None:
         """Every peer runs the same rounds, so every ledger must end alike: a chain that is shorter
@@ -327,38 +353,29 @@ class _Audit:
     def check_genesis(self) -> None:
         reference: dict[str, tuple[int, object]] = {}
         for p in self.peers.values():
-            g = p.genesis
-            if g is None:
-                continue  # check_chain reported it
+            g, body = p.genesis, p.genesis_body
+            if g is None or body is None:
+                continue  # check_chain reported it (no genesis, or a malformed body)
             at = _at(p, g)
-            if g.body.get("peer") != p.peer:
-                self.problem(f"{at}: genesis names peer {g.body.get('peer')!r}", p.peer, 0, p.file)
+            if body.peer != p.peer:
+                self.problem(f"{at}: genesis names peer {body.peer!r}", p.peer, 0, p.file)
             for name in SHARED_GENESIS:
-                value = g.body.get(name)
-                if not isinstance(value, str):
-                    self.problem(f"{at}: genesis lacks {name}", p.peer, 0, p.file)
-                    continue
+                value = getattr(body, name)
                 if name not in reference:
                     reference[name] = (p.peer, value)
                 elif reference[name][1] != value:
                     ref_peer, ref_value = reference[name]
                     self.problem(f"{at}: {name} {value[:16]}… differs from peer {ref_peer}'s {str(ref_value)[:16]}…",
                                  p.peer, 0, p.file)
-            roster_digest = g.body.get("roster_sha256")
-            if self.roster is not None and isinstance(roster_digest, str) and roster_digest != self.roster.sha256:
+            if self.roster is not None and body.roster_sha256 != self.roster.sha256:
                 source = "the roster given (--roster)" if self.report.roster_source == "given" else self.report.roster_source
-                self.problem(f"{at}: roster_sha256 {roster_digest[:16]}… is not the SHA-256 of {source} "
+                self.problem(f"{at}: roster_sha256 {body.roster_sha256[:16]}… is not the SHA-256 of {source} "
                              f"({self.roster.sha256[:16]}…)", p.peer, 0, p.file)
-            fields = [g.body.get(k) for k in ("nonce", "config_sha256", "roster_sha256", "layout_sha256", "run_id")]
-            if all(isinstance(f, str) for f in fields):
-                nonce, config, roster_sha, layout, run_id = fields
-                try:
-                    bound = run_identity(bytes.fromhex(nonce), config, roster_sha, layout).hex() == run_id
-                except ValueError:
-                    bound = False
-                if not bound:
-                    self.problem(f"{at}: run_id is not the one its nonce, config, roster and layout digests give",
-                                 p.peer, 0, p.file)
+            bound = run_identity(bytes.fromhex(body.nonce), body.config_sha256, body.roster_sha256,
+                                 body.layout_sha256).hex() == body.run_id
+            if not bound:
+                self.problem(f"{at}: run_id is not the one its nonce, config, roster and layout digests give",
+                             p.peer, 0, p.file)
         if "run_id" in reference:
             try:
                 self.run_id = bytes.fromhex(str(reference["run_id"][1]))
@@ -367,9 +384,9 @@ class _Audit:
 
     # -------------------------------------------------------------------------- envelopes
     def check_envelopes(self, p: _Peer) -> None:
-        genesis = p.genesis
-        listed = None if genesis is None else genesis.body.get("in_neighbours")
-        in_neighbours = set(listed) if isinstance(listed, list) else None  # optional in a genesis body
+        genesis = p.genesis_body
+        listed = None if genesis is None else genesis.in_neighbours
+        in_neighbours = None if listed is None else set(listed)  # optional in a genesis body
         for rnd, b in sorted(p.rounds.items()):
             at = _at(p, b)
             seen: set[bytes] = set()
@@ -447,8 +464,8 @@ class _Audit:
             block = None if sender_state is None else sender_state.rounds.get(rnd)
             if block is None:
                 continue  # nothing to compare with (a missing or rewound ledger is reported elsewhere)
-            recorded = [s for s in block.body["sent"] if isinstance(s, dict) and s.get("step") == step]
-            recorded_digests = {s.get("payload_sha256") for s in recorded}
+            recorded = [s for s in sender_state.round_body(block).sent if s.step == step]
+            recorded_digests = {s.payload_sha256 for s in recorded}
             for payload, held in payloads.items():
                 if payload in recorded_digests:
                     continue
@@ -456,7 +473,7 @@ class _Audit:
                 claim = (f"its ledger ({sender_state.file} block {block.index}) records no message sent in that step"
                          if not recorded else
                          f"its ledger ({sender_state.file} block {block.index}) records payload "
-                         f"{str(recorded[0].get('payload_sha256'))[:16]}… sent")
+                         f"{recorded[0].payload_sha256[:16]}… sent")
                 self.report.equivocations.append(Equivocation(
                     sender, rnd, step,
                     f"{head}: {claim}, but peer {receiver} ({where}) holds payload {payload[:16]}… signed by peer {sender}",
@@ -465,14 +482,11 @@ class _Audit:
     # ------------------------------------------------------------------------------ files
     def check_files(self, p: _Peer) -> None:
         for b in p.blocks:
-            if b.kind != "final":
-                continue
+            body = p.bodies.get(b.index)
+            if b.kind != "final" or not isinstance(body, FinalBody):
+                continue  # a malformed final body was reported by check_chain
             at = _at(p, b)
-            files = b.body.get("files")
-            if not isinstance(files, dict):
-                self.problem(f"{at}: the final block has no 'files' mapping", p.peer, b.index, p.file)
-                continue
-            for rel, digest in sorted(files.items()):
+            for rel, digest in sorted(body.files.items()):
                 pure = PurePosixPath(rel)
                 if pure.is_absolute() or ".." in pure.parts or not pure.parts:
                     self.problem(f"{at}: file path {rel!r} is not inside the run folder", p.peer, b.index, p.file)
@@ -487,7 +501,7 @@ class _Audit:
                     self.problem(f"{at}: {rel} cannot be read ({exc.strerror})", p.peer, b.index, rel)
                     continue
                 if now != digest:
-                    self.problem(f"{at}: {rel} changed: sha256 {now[:16]}…, the ledger recorded {str(digest)[:16]}…",
+                    self.problem(f"{at}: {rel} changed: sha256 {now[:16]}…, the ledger recorded {digest[:16]}…",
                                  p.peer, b.index, rel)
 
     def run(self) -> AuditReport:
@@ -542,9 +556,9 @@ def inclusion(run_dir: str | os.PathLike[str], peer: int, round: int) -> list[di
         shown = path.relative_to(run_dir).as_posix()
         leaves = envelope_leaves(envelopes)
         try:
-            root = bytes.fromhex(str(block.body.get("merkle_root")))
-        except ValueError:
-            root = b""
+            root, malformed = bytes.fromhex(RoundBody.from_body(block.body).merkle_root), None
+        except BodyError as exc:
+            root, malformed = b"", exc
         for index, raw in enumerate(envelopes):
             try:
                 header = parse(raw).header
@@ -552,6 +566,9 @@ def inclusion(run_dir: str | os.PathLike[str], peer: int, round: int) -> list[di
                 continue
             if header.sender != peer:
                 continue
+            if malformed is not None:  # only a receiver that holds one of peer's envelopes matters
+                raise AuditError(f"{shown}: peer {receiver} block {block.index} (round {round}): {malformed}; "
+                                 f"run `d2ora ledger verify`")
             path_hashes = inclusion_proof(leaves, index)
             if not verify_inclusion(leaves[index], index, len(leaves), path_hashes, root):
                 raise AuditError(f"{shown}: peer {receiver} block {block.index} (round {round}): envelope {index} is not "
@@ -565,9 +582,7 @@ def inclusion(run_dir: str | os.PathLike[str], peer: int, round: int) -> list[di
     return proofs
 
 
-def rejection_summary(rejections: Iterable[tuple[int, Rejection]]) -> dict[int, dict[str, int]]:
-    """sender -> check -> count, from ``(receiver, rejection)`` pairs (for ``ledger show``)."""
-    out: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for _, r in rejections:
-        out[r.sender][r.check] += 1
-    return {s: dict(c) for s, c in sorted(out.items())}
+def rejection_summary(rejections: Iterable[tuple[int, Rejection]]) -> dict[str, dict[str, int]]:
+    """sender -> check -> count, from ``(receiver, rejection)`` pairs, in the shape of summary.json's
+    ``rejected_by_sender`` (string sender keys; see :func:`d2ora.trust.rejections.rejected_by_sender`)."""
+    return rejected_by_sender((r.sender, r.check, 1) for _, r in rejections)

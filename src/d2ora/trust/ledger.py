@@ -10,14 +10,14 @@ Blocks form a hash chain, each signed by the peer's Ed25519 key:
   ``{index, kind, round, prev_hash, body}``; ``signature`` = the peer's Ed25519 signature of the
   32 raw hash bytes. (The same key signs 160-byte envelope headers; a 32-byte message can never be
   read as one, so the two uses cannot be confused.)
-* ``genesis`` (index 0, round 0, prev_hash 64 zeros): the caller's body, e.g. ``{peer, run_id,
-  nonce, config_sha256, roster_sha256, layout_sha256, in_neighbours}``; ``peer`` is always set.
-* ``round`` (one per training round, rounds 1, 2, 3, ... in order): ``{round, merkle_root,
-  accepted, rejected: [{sender, step, check, detail, envelope_sha256 | null}], sent: [{step,
-  payload_sha256}], adapter_sha256}``. ``merkle_root`` is the RFC 6962 root over the SHA-256
-  digests of the accepted envelopes (``Envelope.digest``) in their stored order.
-* ``final`` (at most one, last): ``{files: {path relative to RUN_DIR: sha256}, ...}``: digests of
-  the files the peer saved, so anyone can check a model against the run that made it.
+* ``genesis``: index 0, round 0, prev_hash 64 zeros;
+* ``round``: one per training round, rounds 1, 2, 3, ... in order;
+* ``final``: at most one, last; its round is the last round's.
+
+What each kind's body holds is defined once, by the dataclasses of :mod:`d2ora.trust.blocks`
+(:class:`~d2ora.trust.blocks.GenesisBody`, :class:`~d2ora.trust.blocks.RoundBody`,
+:class:`~d2ora.trust.blocks.FinalBody`): this module writes bodies only through them and the
+auditor reads them only through them.
 
 Tables::
 
@@ -49,7 +49,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -58,6 +58,15 @@ from urllib.parse import quote
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from d2ora.atomic import default_file_mode, write_json
+from d2ora.trust.blocks import (
+    BodyError,
+    FinalBody,
+    GenesisBody,
+    RejectedRecord,
+    RoundBody,
+    SentRecord,
+    array_of,
+)
 from d2ora.trust.envelope import ENVELOPE_BYTES
 from d2ora.trust.identity import Roster, verify
 from d2ora.trust.merkle import merkle_root
@@ -68,7 +77,6 @@ ZERO_HASH = "0" * 64
 APPLICATION_ID = 0x44324C47  # "D2LG": tells a d2ora ledger from any other SQLite file
 FORMAT_VERSION = 1
 KINDS = ("genesis", "round", "final")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _FILE_NAME = re.compile(r"peer-(\d{4,})\.sqlite")
 
 _SCHEMA = """
@@ -100,10 +108,13 @@ class Rejection:
     detail: str
     envelope: bytes | None = None  # the raw bytes received, when there were any
 
-    def record(self) -> dict:
+    def as_record(self) -> RejectedRecord:
+        """What a round body's ``rejected`` holds for it: the envelope only as its digest."""
         digest = None if self.envelope is None else hashlib.sha256(self.envelope).hexdigest()
-        return {"sender": self.sender, "step": self.step, "check": self.check, "detail": self.detail,
-                "envelope_sha256": digest}
+        return RejectedRecord(self.sender, self.step, self.check, self.detail, digest)
+
+    def record(self) -> dict:
+        return self.as_record().to_body()
 
 
 @dataclass(frozen=True)
@@ -214,16 +225,24 @@ class Ledger:
 
     # ------------------------------------------------------------------------------ open/create
     @classmethod
-    def create(cls, path: str | os.PathLike[str], peer: int, key: Ed25519PrivateKey, genesis: dict) -> Ledger:
-        """A new ledger holding only its genesis block; refuses an existing file.
+    def create(cls, path: str | os.PathLike[str], peer: int, key: Ed25519PrivateKey,
+               genesis: GenesisBody | Mapping[str, object]) -> Ledger:
+        """A new ledger holding only its genesis block; refuses an existing file. ``genesis`` is a
+        GenesisBody or its fields as a dict (``peer`` may be left out: it is the ledger's).
 
         Written to a temporary file beside ``path`` and linked into place complete, so a crash
         never leaves a ledger without its genesis, and an existing ledger is never replaced."""
         path = Path(path)
-        if "peer" in genesis and genesis["peer"] != peer:
-            raise LedgerError(f"ledger {path}: genesis names peer {genesis['peer']}, the ledger is peer {peer}'s")
+        given = genesis.peer if isinstance(genesis, GenesisBody) else genesis.get("peer", peer)
+        if given != peer:
+            raise LedgerError(f"ledger {path}: genesis names peer {given}, the ledger is peer {peer}'s")
         if path.exists():
             raise LedgerError(f"ledger {path} (peer {peer}) already exists; a ledger is never replaced (resume opens it)")
+        if not isinstance(genesis, GenesisBody):
+            try:
+                genesis = GenesisBody.from_body({**genesis, "peer": peer})
+            except BodyError as exc:
+                raise LedgerError(f"ledger {path} (peer {peer}) block 0: {exc}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.unlink(missing_ok=True)
@@ -239,7 +258,7 @@ class Ledger:
                     conn.execute(statement)
                 conn.execute("INSERT INTO meta(key, value) VALUES ('peer', ?)", (str(peer),))
                 where = f"ledger {path} (peer {peer})"
-                _insert_block(conn, _seal(key, 0, "genesis", 0, ZERO_HASH, {**genesis, "peer": peer}, where))
+                _insert_block(conn, _seal(key, 0, "genesis", 0, ZERO_HASH, genesis.to_body(), where))
                 conn.execute("COMMIT")
             finally:
                 conn.close()
@@ -431,32 +450,34 @@ class Ledger:
             if len(e) != ENVELOPE_BYTES:
                 raise LedgerError(f"{self._where()}: round {round} accepted envelope {i} has {len(e)} bytes, "
                                   f"not {ENVELOPE_BYTES}")
-        sent_records = []
         for step, digest in sent:
             if len(digest) != 32:
                 raise LedgerError(f"{self._where()}: round {round} step {step}: a payload digest has 32 bytes, "
                                   f"not {len(digest)}")
-            sent_records.append({"step": int(step), "payload_sha256": bytes(digest).hex()})
-        if not isinstance(adapter_sha256, str) or not _HEX64.fullmatch(adapter_sha256):
-            raise LedgerError(f"{self._where()}: round {round}: adapter_sha256 must be 64 lower-case hex digits")
-        body = {
-            "round": round,
-            "merkle_root": merkle_root(envelope_leaves(accepted)).hex(),
-            "accepted": len(accepted),
-            "rejected": [r.record() for r in rejected],
-            "sent": sent_records,
-            "adapter_sha256": adapter_sha256,
-        }
-        return self._append("round", round, body, accepted, rejected)
+        try:
+            body = RoundBody(
+                round=round,
+                merkle_root=merkle_root(envelope_leaves(accepted)).hex(),
+                accepted=len(accepted),
+                rejected=array_of("round", "rejected", rejected, Rejection.as_record),
+                sent=tuple(SentRecord(int(step), bytes(digest).hex()) for step, digest in sent),
+                adapter_sha256=adapter_sha256,
+            )
+        except BodyError as exc:  # e.g. an adapter digest that is not 64 lower-case hex digits
+            raise LedgerError(f"{self._where()}: round {round}: {exc}") from None
+        return self._append("round", round, body.to_body(), accepted, rejected)
 
-    def append_final(self, body: dict) -> Block:
-        """The closing block: ``{files: {path relative to RUN_DIR: sha256}, ...}`` (see file_digests)."""
+    def append_final(self, body: FinalBody | Mapping[str, object]) -> Block:
+        """The closing block: a FinalBody, or its fields as a dict ``{files: {path relative to
+        RUN_DIR: sha256}, ...}`` (see file_digests)."""
         self._require_open_for("the final block")
-        files = body.get("files")
-        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
-                                                  for k, v in files.items()):
-            raise LedgerError(f"{self._where()}: a final block needs 'files': {{relative path: sha256 hex}}")
-        return self._append("final", self.last_round, body)
+        if not isinstance(body, FinalBody):
+            try:
+                body = FinalBody.from_body(body)
+            except BodyError as exc:
+                raise LedgerError(f"{self._where()}: a final block needs 'files': {{relative path: sha256 hex}} "
+                                  f"({exc})") from None
+        return self._append("final", self.last_round, body.to_body())
 
     def rewind(self, round: int) -> int:
         """Resume support: move the blocks of rounds after ``round`` (and the final block) to the
@@ -475,8 +496,11 @@ class Ledger:
         for row in rows:
             index = row[0]
             envelopes = b"".join(self.envelopes(index))
-            rejections = [{**r.record(), "envelope": None if r.envelope is None else r.envelope.hex()}
-                          for r in self.rejections(index)]
+            try:
+                rejections = [{**r.record(), "envelope": None if r.envelope is None else r.envelope.hex()}
+                              for r in self.rejections(index)]
+            except BodyError as exc:  # a row edited to another type: `ledger verify` says more
+                raise LedgerError(f"{self._where(index)}: a stored rejection is malformed ({exc}), cannot rewind") from None
             moved.append((round, *row, envelopes, canonical_json(rejections)))
         first = rows[0][0]
         try:
