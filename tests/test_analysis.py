@@ -22,9 +22,9 @@ from d2ora.dora.analysis import (
     decomposition_deltas,
     module_types,
     resolve_checkpoints,
-    run_analysis,
 )
 from d2ora.dora.analysis_report import write_outputs
+from d2ora.recipes.analyze import run_analysis
 
 PREFIX = "base_model.model."
 
@@ -333,7 +333,8 @@ def test_cli_success(tiny_bert_dir, dora_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "DoRA" in result.output and "slope" in result.output
     assert (tmp_path / "o" / "analysis.png").is_file()
-    labels = {row["checkpoint"] for row in csv.DictReader(open(tmp_path / "o" / "analysis.csv", newline=""))}
+    with open(tmp_path / "o" / "analysis.csv", newline="") as fh:
+        labels = {row["checkpoint"] for row in csv.DictReader(fh)}
     assert labels == {"e1", "e2"}
 
 

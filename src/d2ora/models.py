@@ -75,7 +75,7 @@ class LoadedModel:
     """A model, its tokenizer, and the modules that were newly initialised (to train in full)."""
 
     model: nn.Module
-    tokenizer: Any
+    tokenizer: Any  # None when loaded with with_tokenizer=False
     source: ModelSource
     new_modules: list[str] = field(default_factory=list)
 
@@ -186,36 +186,63 @@ def head_modules(loaded: LoadedModel) -> list[str]:
     )
 
 
+# The class each task loads with; a task of None loads the checkpoint as saved, body only unless
+# the caller names a class with a head.
+_TASK_AUTO_CLASS: dict[str | None, str] = {
+    "classification": "AutoModelForSequenceClassification",
+    "causal_lm": "AutoModelForCausalLM",
+    None: "AutoModel",
+}
+
+
+def _auto_class(name: str) -> Any:
+    import transformers
+
+    auto_cls = getattr(transformers, name, None) if name.startswith("Auto") else None
+    if auto_cls is None or not hasattr(auto_cls, "from_pretrained"):
+        raise ModelLoadError(f"unknown transformers auto class '{name}'")
+    return auto_cls
+
+
 def load_model(
     name: str,
-    task: TaskName,
+    task: TaskName | None,
     *,
     label_names: list[str] | None = None,
     seed: int = 0,
     torch_dtype: torch.dtype | None = None,
+    auto_class: str | None = None,
+    with_tokenizer: bool = True,
+    safetensors_only: bool = False,
 ) -> LoadedModel:
-    """Model + tokenizer for ``task``; a classification head for ``label_names`` is seeded by ``seed``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """Model + tokenizer for ``task``; a classification head for ``label_names`` is seeded by ``seed``.
 
+    ``task=None`` loads the checkpoint as saved: no head is made or resized. ``auto_class`` names
+    the transformers auto class to load with (``"AutoModelForMaskedLM"`` ...) instead of the
+    task's (``AutoModel`` for ``None``). ``with_tokenizer=False`` skips the tokenizer (``tokenizer``
+    is then None) for folders that hold only weights; ``safetensors_only`` refuses pickle weight
+    files (``pytorch_model.bin``: unpickling can run code) instead of falling back to them.
+    """
     source = resolve_model(name)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source) if with_tokenizer else None
     kwargs = source.from_pretrained_kwargs()
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    if safetensors_only:
+        kwargs["use_safetensors"] = True
+    if task not in _TASK_AUTO_CLASS:
+        raise ModelLoadError(f"unknown task '{task}'; use 'classification' or 'causal_lm'")
     if task == "classification":
         if not label_names:
             raise ModelLoadError("classification needs label names to size the head")
-        auto_cls = AutoModelForSequenceClassification
         kwargs.update(
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={n: i for i, n in enumerate(label_names)},
-            pad_token_id=tokenizer.pad_token_id,  # Llama-style heads find the last real token by it
         )
-    elif task == "causal_lm":
-        auto_cls = AutoModelForCausalLM
-    else:
-        raise ModelLoadError(f"unknown task '{task}'; use 'classification' or 'causal_lm'")
+        if tokenizer is not None:
+            kwargs["pad_token_id"] = tokenizer.pad_token_id  # Llama-style heads find the last real token by it
+    auto_cls = _auto_class(auto_class or _TASK_AUTO_CLASS[task])
     torch.manual_seed(seed)  # the new head is drawn from the global RNG: same seed, same head
     try:
         with quiet_transformers():

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from d2ora.commands._errors import fail
-from d2ora.dora.analysis import MODEL_CLASSES, AnalysisError, run_analysis
+from d2ora.dora.analysis_files import MODEL_CLASSES
 from d2ora.dora.analysis_report import write_outputs
+from d2ora.dora.decomposition import AnalysisError
 from d2ora.models import MINILM, ModelLoadError, resolve_model
 
 # --base presets: the analysis reads safetensors folders, so only the MiniLM preset (a plain
@@ -76,7 +77,9 @@ def analyze(
         ),
     ] = None,
 ) -> None:
-    """Weight decomposition of fine-tuned checkpoints: magnitude change ΔM vs direction change ΔD."""
+    """Analyse fine-tuned checkpoints' weight decomposition: magnitude change ΔM vs direction change ΔD."""
+    from d2ora.recipes.analyze import run_analysis  # heavy imports after --help
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     console = Console()
     try:

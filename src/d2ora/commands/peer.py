@@ -8,21 +8,33 @@ from typing import Annotated, Any
 import typer
 
 from d2ora.commands._errors import fail
-from d2ora.commands.simulate import ConfigOption, OutputOption, ResumeOption, SetOption, console_for_logs, load_run_config, user_errors
+from d2ora.commands.simulate import (
+    ConfigOption,
+    OutputOption,
+    ResumeOption,
+    SetOption,
+    console_for_logs,
+    load_run_config,
+    user_errors,
+)
 
 
+# Typer's rich help keeps single line breaks after the first paragraph, so each paragraph of the
+# docstring is one source line (the terminal wraps it); the first is the summary in `d2ora --help`.
 def peer(
     config: ConfigOption = None,
     set_: SetOption = None,
     output_dir: OutputOption = None,
     resume: ResumeOption = None,
 ) -> None:
-    """One process of a decentralized run, started by torchrun:
+    """Run one process of a decentralized run; torchrun or d2ora launch starts it.
 
-    torchrun --nnodes N --nproc-per-node K --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m d2ora peer --config run.yaml
+    On every node, for example:
 
-    Hosts a contiguous block of the peers; every process must get the same config. Under
-    torchrun --max-restarts, a restarted job continues from the newest checkpoint all processes hold.
+        torchrun --nnodes N --nproc-per-node K --rdzv-backend c10d \\
+            --rdzv-endpoint HOST:PORT -m d2ora peer --config run.yaml
+
+    Each process hosts a contiguous block of the peers; every process must get the same config. Under torchrun --max-restarts, a restarted job continues from the newest checkpoint all processes hold.
     """
     from d2ora.recipes.peer import run_peer
 
@@ -41,7 +53,7 @@ def launch(
     resume: ResumeOption = None,
     max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, help="torchrun restarts after a failure (each resumes from the newest checkpoint).")] = 0,
 ) -> None:
-    """Start ``procs`` d2ora peer processes on this machine with torchrun (loopback rendezvous)."""
+    """Start d2ora peer processes on this machine with torchrun (--procs of them, loopback rendezvous)."""
     from d2ora.recipes.peer import torchrun_command
 
     args: list[str] = []

@@ -71,8 +71,10 @@ def simulate(
     output_dir: OutputOption = None,
     resume: ResumeOption = None,
 ) -> None:
-    """Simulate P peers fine-tuning one model with DoRA and gossiping adapters; no arguments:
-    MiniLM on BBC News, 8 peers on a ring, Dirichlet alpha=0.5, DoRA r=8, mixer decaf (offline)."""
+    """Simulate P peers fine-tuning one model with DoRA and gossiping adapters.
+
+    With no arguments: MiniLM on BBC News, 8 peers on a ring, Dirichlet alpha=0.5, DoRA r=8, mixer decaf (offline).
+    """
     from d2ora.recipes.simulate import simulate as run_simulate
 
     updates: dict[str, Any] = {}
@@ -94,8 +96,10 @@ def compare(
     seeds: Annotated[str | None, typer.Option("--seeds", help="Comma-separated seeds, e.g. 0,1,2: every mixer runs once per seed (into <mixer>/seed-<s>/) and the tables show mean ± sample std. Default: the config's seed.", show_default=False)] = None,
     skip_done: Annotated[bool, typer.Option("--skip-done/--no-skip-done", help="Skip a (mixer, seed) whose folder holds a finished run of the same config, resume an unfinished one; --no-skip-done reruns all.")] = True,
 ) -> None:
-    """Run several mixers (over one or more seeds) with everything else equal and print one table
-    (report in output_dir)."""
+    """Run several mixers (over one or more seeds) with everything else equal and print one table.
+
+    The report goes to --output-dir, else the config's output_dir (runs/compare by default).
+    """
     from d2ora.recipes.compare import compare as run_compare
     from d2ora.recipes.compare import parse_mixers, parse_seeds
 

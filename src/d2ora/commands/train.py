@@ -28,7 +28,10 @@ def train(
         Path | None, typer.Option("--output-dir", "-o", help="Where the adapter, checkpoints and metrics.json go.", show_default=False)
     ] = None,
 ) -> None:
-    """Fine-tune a model with a DoRA (or LoRA) adapter; no arguments: MiniLM on BBC News, offline."""
+    """Fine-tune a model with a DoRA (or LoRA) adapter.
+
+    With no arguments: MiniLM on BBC News, offline.
+    """
     from d2ora.recipes.train import TrainConfig  # heavy imports after --help
     from d2ora.recipes.train import train as run_train
 

@@ -1,6 +1,8 @@
-"""Outputs of the weight-decomposition analysis: CSV, JSON summary and the Fig. 2-style scatter PNG.
+"""What the weight-decomposition analysis concludes: ΔD-on-ΔM fits, and its files.
 
-Each file is written atomically (temporary file, then rename).
+The fits are least squares of ΔD on ΔM per method, per module type and per checkpoint (the
+paper's Fig. 2 slope). The files are a CSV of every point, a JSON summary of the fits and a
+Fig. 2-style scatter PNG; each is written atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -10,12 +12,94 @@ import io
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from d2ora import atomic
-from d2ora.dora.analysis import AnalysisError, AnalysisResult, FitSummary, LayerDelta, MethodSummary
+from d2ora.dora.analysis import LayerDelta
+from d2ora.dora.analysis_files import Checkpoint
+from d2ora.dora.decomposition import AnalysisError
 
+
+# ============================================================================================= fitting
+@dataclass
+class FitSummary:
+    """Least-squares fit of ΔD on ΔM over a set of points (``None`` when it is undefined)."""
+
+    points: int
+    slope: float | None
+    intercept: float | None
+    r_value: float | None
+    p_value: float | None
+    stderr: float | None
+    mean_delta_m: float | None
+    mean_delta_d: float | None
+
+
+@dataclass
+class MethodSummary:
+    method: str
+    checkpoints: list[str]
+    fit: FitSummary
+    by_module_type: dict[str, FitSummary] = field(default_factory=dict)
+    by_checkpoint: dict[str, FitSummary] = field(default_factory=dict)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def fit(rows: Sequence[LayerDelta]) -> FitSummary:
+    """``scipy.stats.linregress(ΔM, ΔD)``; slope etc. are None for fewer than 2 points or constant ΔM."""
+    xs = [r.delta_m for r in rows]
+    ys = [r.delta_d for r in rows]
+    n = len(rows)
+    mean_m = sum(xs) / n if n else None
+    mean_d = sum(ys) / n if n else None
+    if n < 2 or max(xs) == min(xs):
+        return FitSummary(n, None, None, None, None, None, mean_m, mean_d)
+    from scipy.stats import linregress
+
+    res = linregress(xs, ys)
+    return FitSummary(
+        n, _finite(res.slope), _finite(res.intercept), _finite(res.rvalue), _finite(res.pvalue),
+        _finite(res.stderr), mean_m, mean_d,
+    )
+
+
+def _ordered(values: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def summarize(rows: Sequence[LayerDelta]) -> dict[str, MethodSummary]:
+    """Per method (in order of appearance): the overall fit and fits per module type and checkpoint."""
+    result: dict[str, MethodSummary] = {}
+    for method in _ordered([r.method for r in rows]):
+        mine = [r for r in rows if r.method == method]
+        checkpoints = _ordered([r.checkpoint for r in mine])
+        result[method] = MethodSummary(
+            method=method,
+            checkpoints=checkpoints,
+            fit=fit(mine),
+            by_module_type={t: fit([r for r in mine if r.module_type == t]) for t in _ordered([r.module_type for r in mine])},
+            by_checkpoint={c: fit([r for r in mine if r.checkpoint == c]) for c in checkpoints},
+        )
+    return result
+
+
+@dataclass
+class AnalysisResult:
+    """A whole analysis: its inputs, every point and the fits (what the files are written from)."""
+
+    base: Path
+    model_class: str
+    checkpoints: list[Checkpoint]
+    rows: list[LayerDelta]
+    summaries: dict[str, MethodSummary]
+
+
+# =============================================================================================== files
 CSV_COLUMNS = ("method", "checkpoint", "layer", "module_type", "delta_m", "delta_d")
 CSV_NAME = "analysis.csv"
 JSON_NAME = "analysis.json"
@@ -104,9 +188,8 @@ def write_plot(rows: Sequence[LayerDelta], summaries: dict[str, MethodSummary], 
         ax.legend(fontsize="small")
     for ax in axes[len(methods):]:
         ax.set_visible(False)
-    with atomic.atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=120)
     return Path(path)
 
 
