@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from d2ora.report.model import RunSummary
 from d2ora.report.rows import (
     Run,
+    RunInput,
     consensus_examples,
     consensus_metric,
     is_percent,
@@ -37,22 +39,27 @@ class MethodRuns:
     """One compared method's runs, one per seed, with everything else in the config equal."""
 
     name: str
-    runs: tuple[Run, ...]
+    runs: tuple[RunInput, ...]  # summaries may be plain dicts until :func:`as_groups` types them
     seeds: tuple[int | None, ...]  # None: not known (a run handed to the report on its own)
     run_dirs: tuple[str, ...]  # each run's folder, relative to the comparison folder
 
 
-def as_groups(items: Sequence[Run | MethodRuns]) -> list[MethodRuns]:
+def as_groups(items: Sequence[RunInput | MethodRuns]) -> list[MethodRuns]:
     """Groups as given; a bare run becomes a group of one (its folder assumed ``<name>/``, as compare
-    puts single-seed runs). Rows default to the summary's final row, as for a single run."""
+    puts single-seed runs). Every summary becomes a :class:`~d2ora.report.model.RunSummary` (a plain
+    dict is validated here, once); rows default to the summary's final row, as for a single run."""
     groups = []
     for item in items:
         if not isinstance(item, MethodRuns):
-            summary, rows = item
-            name = str(summary.get("name", "run"))
-            item = MethodRuns(name, ((summary, rows),), (None,), (name,))
-        groups.append(MethodRuns(item.name, tuple((s, rows_or_final(s, r)) for s, r in item.runs), item.seeds, item.run_dirs))
+            summary, rows = _typed(item)
+            item = MethodRuns(summary.name, ((summary, rows),), (None,), (summary.name,))
+        groups.append(MethodRuns(item.name, tuple(map(_typed, item.runs)), item.seeds, item.run_dirs))
     return groups
+
+
+def _typed(run: RunInput) -> Run:
+    summary = RunSummary.coerce(run[0])
+    return summary, rows_or_final(summary, run[1])
 
 
 def check_groups(groups: Sequence[MethodRuns]) -> None:
@@ -113,7 +120,7 @@ class TargetResult:
 
 
 def centralized_group(groups: Sequence[MethodRuns]) -> MethodRuns | None:
-    return next((g for g in groups if all(s.get("mixer") == CENTRALIZED for s, _ in g.runs)), None)
+    return next((g for g in groups if all(s.mixer == CENTRALIZED for s, _ in g.runs)), None)
 
 
 def _targets(group: MethodRuns, central: MethodRuns, gap: float) -> list[float | None]:
@@ -132,6 +139,7 @@ def target_results(groups: Sequence[MethodRuns], gap_points: float = TARGET_GAP_
     None when there is no centralized run among the groups, or when the metric is not an accuracy
     (a perplexity has no percentage points to be within).
     """
+    groups = as_groups(groups)  # a caller may hand in plain-dict summaries
     central = centralized_group(groups)
     if central is None or not is_percent(groups[0].runs[0][0]):
         return None

@@ -1,26 +1,19 @@
-"""The text files of a report: ``report.md`` for one run; ``compare.md``, ``compare.csv`` (one row per
-method, means and stds over seeds) and ``compare_seeds.csv`` (one row per method and seed) for several.
+"""The Markdown of a report: ``report.md`` for one run, ``compare.md`` for several (the CSVs beside
+it come from :mod:`d2ora.report.csv_files`).
 
-These functions build the text only; :mod:`d2ora.report.writers` writes it (atomically, after the
-plots it links to).
+These functions build the text only, from typed summaries
+(:class:`~d2ora.report.model.RunSummary`) and metric rows; :mod:`d2ora.report.writers` writes it
+(atomically, after the plots it links to).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from d2ora.report.formatting import DASH, fmt_float, fmt_mb, fmt_metric
-from d2ora.report.groups import (
-    MethodRuns,
-    TargetResult,
-    as_groups,
-    n_test,
-    target_results,
-)
+from d2ora.report.groups import MethodRuns, as_groups
 from d2ora.report.layout import (
     COMPARE_CSV_NAME,
     COMPARE_PLOT_TITLES,
@@ -31,26 +24,21 @@ from d2ora.report.layout import (
     REPORT_NAME,
     RUN_PLOTS,
 )
+from d2ora.report.model import RunSummary
 from d2ora.report.rows import (
     Row,
-    Run,
-    Summary,
-    consensus_examples,
+    RunInput,
     entry_metric,
     is_higher_better,
-    is_percent,
     item_at,
     last_with,
     metric_label,
     metric_name,
     peer_count,
 )
-from d2ora.report.stats import TARGET_GAP_POINTS, binomial_se, spread
+from d2ora.report.stats import TARGET_GAP_POINTS
 from d2ora.report.tables import (
-    MethodFinal,
-    check_runs,
     compare_records,
-    method_final,
     results_headers,
     results_records,
     spread_note,
@@ -59,11 +47,16 @@ from d2ora.report.tables import (
     target_records,
 )
 
-# Setup keys shown as lines in the compare report when every run shares them.
+# Setup keys shown as lines in the compare report when every run shares them: RunSummary fields,
+# named in the report as in summary.json.
 SETUP_KEYS = (
     "model", "task", "method", "r", "mixer", "peers", "topology", "partition",
     "rounds", "local_steps", "batch_size", "metric",
 )
+
+
+def _setup_value(summary: RunSummary, key: str) -> Any:
+    return _shown(getattr(summary, key))
 
 
 def _md_cell(value: Any) -> str:
@@ -82,30 +75,36 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric_fro
     return "\n".join("| " + " | ".join(_md_cell(c) for c in line) + " |" for line in lines) + "\n"
 
 
-def _setup_lines(summary: Summary) -> list[str]:
+def _shown(value: Any) -> Any:
+    # A key the summary does not have (an older summary.json, a hand-built one) shows as a dash.
+    return DASH if value is None else value
+
+
+def _setup_lines(summary: RunSummary) -> list[str]:
     order = "higher" if is_higher_better(summary) else "lower"
+    s = summary
     lines = [
-        f"- model: {summary.get('model', DASH)}",
-        f"- task: {summary.get('task', DASH)}",
-        f"- method: {summary.get('method', DASH)}, r = {summary.get('r', DASH)}",
-        f"- mixer: {summary.get('mixer', DASH)}",
-        f"- peers: {summary.get('peers', DASH)}",
-        f"- topology: {summary.get('topology', DASH)}",
-        f"- partition: {summary.get('partition', DASH)}",
-        f"- rounds: {summary.get('rounds', DASH)} x {summary.get('local_steps', DASH)} local steps",
-        f"- batch size: {summary.get('batch_size', DASH)}",
-        f"- metric: {metric_name(summary)} ({order} is better)",
+        f"- model: {_shown(s.model)}",
+        f"- task: {_shown(s.task)}",
+        f"- method: {_shown(s.method)}, r = {_shown(s.r)}",
+        f"- mixer: {_shown(s.mixer)}",
+        f"- peers: {_shown(s.peers)}",
+        f"- topology: {_shown(s.topology)}",
+        f"- partition: {_shown(s.partition)}",
+        f"- rounds: {_shown(s.rounds)} x {_shown(s.local_steps)} local steps",
+        f"- batch size: {_shown(s.batch_size)}",
+        f"- metric: {metric_name(s)} ({order} is better)",
     ]
-    if summary.get("runtime_s") is not None:
-        lines.append(f"- runtime: {float(summary['runtime_s']):.1f} s")
+    if s.runtime_s is not None:
+        lines.append(f"- runtime: {s.runtime_s:.1f} s")
     return lines
 
 
-def _label_count_section(summary: Summary) -> list[str]:
-    counts = summary.get("label_counts")
+def _label_count_section(summary: RunSummary) -> list[str]:
+    counts = summary.label_counts
     if not counts:
         return []
-    names = summary.get("label_names") or [f"label {c}" for c in range(len(counts[0]))]
+    names = summary.label_names or [f"label {c}" for c in range(len(counts[0]))]
     headers = ["peer", *map(str, names), "total"]
     body = [[f"peer {p}", *map(str, row), str(sum(row))] for p, row in enumerate(counts)]
     return ["## Label counts per peer", "", _md_table(headers, body)]
@@ -120,7 +119,7 @@ def _peer_bytes_totals(rows: Sequence[Row], n_peers: int) -> list[int]:
     return totals
 
 
-def _final_peer_section(summary: Summary, rows: Sequence[Row]) -> list[str]:
+def _final_peer_section(summary: RunSummary, rows: Sequence[Row]) -> list[str]:
     if not rows:
         return []
     metric, label = metric_name(summary), metric_label(summary)
@@ -157,13 +156,13 @@ def _link_list(paths: Sequence[str], what: str) -> list[str]:
     return [f"- {what} ({len(paths)}): [{paths[0]}]({paths[0]}) ... [{paths[-1]}]({paths[-1]})"]
 
 
-def _files_section(out_dir: Path, summary: Summary) -> list[str]:
+def _files_section(out_dir: Path, summary: RunSummary) -> list[str]:
     lines = [f"- {name}: [{name}]({name})" for name in ("summary.json", "metrics.jsonl")
              if (out_dir / name).exists()]
-    lines += _link_list([str(p) for p in summary.get("adapters") or []], "peer adapters")
-    for key, what in (("consensus_adapter", "consensus adapter"), ("merged_model", "merged model")):
-        if summary.get(key):
-            lines.append(f"- {what}: [{summary[key]}]({summary[key]})")
+    lines += _link_list([str(p) for p in summary.adapters or []], "peer adapters")
+    for path, what in ((summary.consensus_adapter, "consensus adapter"), (summary.merged_model, "merged model")):
+        if path:
+            lines.append(f"- {what}: [{path}]({path})")
     return ["## Files", "", *lines, ""] if lines else []
 
 
@@ -173,8 +172,8 @@ def _plots_section(names: Sequence[str], titles: Sequence[str]) -> list[str]:
     return ["## Plots", "", *lines]
 
 
-def run_markdown(out_dir: Path, summary: Summary, rows: Sequence[Row]) -> str:
-    name = summary.get("name", "run")
+def run_markdown(out_dir: Path, summary: RunSummary, rows: Sequence[Row]) -> str:
+    name = summary.name
     records = results_records(summary, rows)
     results = _md_table(results_headers(summary), records) if records else "No evaluated rounds.\n"
     parts = [
@@ -195,9 +194,9 @@ def _compare_setup(groups: Sequence[MethodRuns]) -> tuple[list[str], list[str]]:
     summaries = [s for g in groups for s, _ in g.runs]
     common, differing = [], []
     for key in SETUP_KEYS:
-        values = {str(s.get(key, DASH)) for s in summaries}
+        values = {str(_setup_value(s, key)) for s in summaries}
         (common if len(values) == 1 else differing).append(key)
-    lines = [f"- {key}: {summaries[0].get(key, DASH)}" for key in common]
+    lines = [f"- {key}: {_setup_value(summaries[0], key)}" for key in common]
     seeds = {g.seeds for g in groups}
     if len(seeds) == 1 and None not in (known := next(iter(seeds))):
         lines.append(f"- seeds: {', '.join(map(str, known))}")
@@ -217,7 +216,7 @@ def _target_section(runs: Sequence[MethodRuns]) -> list[str]:
     return parts
 
 
-def compare_markdown(out_dir: Path, runs: Sequence[Run | MethodRuns]) -> str:
+def compare_markdown(out_dir: Path, runs: Sequence[RunInput | MethodRuns]) -> str:
     groups = as_groups(runs)
     headers, records, best = compare_records(groups)
     for i in best:
@@ -225,7 +224,7 @@ def compare_markdown(out_dir: Path, runs: Sequence[Run | MethodRuns]) -> str:
     common, differing = _compare_setup(groups)
     parts = ["# Comparison of runs", "", "Common setup:", "", *common, ""]
     if differing:
-        body = [[g.name, *(g.runs[0][0].get(k, DASH) for k in differing)] for g in groups]
+        body = [[g.name, *(_setup_value(g.runs[0][0], k) for k in differing)] for g in groups]
         parts += ["Differences:", "", _md_table(["run", *differing], body, numeric_from=len(differing) + 1)]
     first = groups[0].runs[0][0]
     order = "higher" if is_higher_better(first) else "lower"
@@ -252,120 +251,3 @@ def _run_report_links(out_dir: Path, groups: Sequence[MethodRuns]) -> list[str]:
         if found:
             links.append(f"- {group.name}: " + ", ".join(f"[{d}/{REPORT_NAME}]({d}/{REPORT_NAME})" for d in found))
     return links
-
-
-CSV_COLUMNS = (
-    "name", "mixer", "method", "r", "model", "task", "peers", "topology", "partition", "rounds",
-    "local_steps", "batch_size", "metric", "higher_is_better", "consensus_metric", "mean_peer_metric",
-    "worst_peer_metric", "distance_magnitude", "distance_product", "distance_merged",
-    "bytes_sent_total", "samples_seen", "runtime_s",
-    # Added with seeds (appended, so readers of the older columns keep working): the numbers above are
-    # means over the seeds; *_std the sample standard deviations (ddof = 1), empty for one seed.
-    "n_seeds", "seeds", "consensus_metric_std", "mean_peer_metric_std", "worst_peer_metric_std",
-    "distance_product_std", "distance_merged_std", "bytes_sent_total_std", "runtime_s_std",
-    "n_test", "consensus_binomial_se", "target_metric", "target_reached_seeds",
-    "rounds_to_target", "rounds_to_target_std", "bytes_to_target", "samples_to_target",
-    # Each peer on its own held-out split (personalization); beside, never instead of, the global test.
-    "own_split_metric", "own_split_metric_std",
-)
-
-#: compare_seeds.csv: one row per (method, seed), the numbers the means and stds come from.
-SEED_CSV_COLUMNS = (
-    "name", "seed", "run_dir", "metric", "consensus_metric", "mean_peer_metric", "worst_peer_metric",
-    "distance_product", "distance_merged", "bytes_sent_total", "samples_seen", "rounds", "runtime_s", "n_test",
-    "target_metric", "rounds_to_target", "bytes_to_target", "samples_to_target", "own_split_metric",
-)
-
-
-def _csv_value(value: Any) -> str:
-    # repr keeps a float's full precision; an empty cell, not "None", marks a missing value.
-    if value is None:
-        return ""
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _csv_text(columns: Sequence[str], records: Sequence[dict[str, Any]]) -> str:
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for record in records:
-        writer.writerow({k: _csv_value(record.get(k)) for k in columns})
-    return buf.getvalue()
-
-
-def _se(group: MethodRuns, final: MethodFinal) -> float | None:
-    """The binomial standard error at the method's mean consensus accuracy (accuracy runs only)."""
-    size, p = n_test(group), final.consensus.mean
-    if size is None or p is None or not is_percent(group.runs[0][0]):
-        return None
-    return binomial_se(p, size)
-
-
-def _target_fields(target: TargetResult | None) -> dict[str, Any]:
-    if target is None:
-        return {}
-    rounds = target.rounds()
-    return {
-        "target_metric": spread(target.targets).mean, "target_reached_seeds": target.n_reached,
-        "rounds_to_target": rounds.mean, "rounds_to_target_std": rounds.std,
-        "bytes_to_target": target.bytes_sent().mean, "samples_to_target": target.samples_seen().mean,
-    }
-
-
-def _method_record(group: MethodRuns, final: MethodFinal, target: TargetResult | None) -> dict[str, Any]:
-    summary = group.runs[0][0]
-    record: dict[str, Any] = {key: summary.get(key) for key in CSV_COLUMNS}
-    record.update(
-        name=group.name, higher_is_better=is_higher_better(summary),
-        consensus_metric=final.consensus.mean, mean_peer_metric=final.mean_peer.mean,
-        worst_peer_metric=final.worst_peer.mean,
-        **{f"distance_{k}": v.mean for k, v in final.distances.items()},
-        bytes_sent_total=_whole(final.bytes_sent_total.mean), samples_seen=_whole(final.samples_seen.mean),
-        runtime_s=final.runtime_s.mean,
-        n_seeds=len(group.runs), seeds=";".join("" if s is None else str(s) for s in group.seeds),
-        consensus_metric_std=final.consensus.std, mean_peer_metric_std=final.mean_peer.std,
-        worst_peer_metric_std=final.worst_peer.std, distance_product_std=final.distances["product"].std,
-        distance_merged_std=final.distances["merged"].std, bytes_sent_total_std=final.bytes_sent_total.std,
-        runtime_s_std=final.runtime_s.std, n_test=n_test(group), consensus_binomial_se=_se(group, final),
-        own_split_metric=final.own_split.mean, own_split_metric_std=final.own_split.std,
-        **_target_fields(target),
-    )
-    return record
-
-
-def _whole(value: float | None) -> int | float | None:
-    # Byte and sample counts equal over seeds stay whole numbers in the CSV, as before seeds existed.
-    return int(value) if value is not None and float(value).is_integer() else value
-
-
-def compare_csv(runs: Sequence[Run | MethodRuns]) -> str:
-    """One row per method: means over its seeds (the value itself for one seed) and the stds."""
-    groups = as_groups(runs)
-    check_runs(groups)
-    targets = target_results(groups) or [None] * len(groups)
-    records = [_method_record(g, method_final(g), t) for g, t in zip(groups, targets)]
-    return _csv_text(CSV_COLUMNS, records)
-
-
-def compare_seeds_csv(runs: Sequence[Run | MethodRuns]) -> str:
-    """One row per (method, seed): the per-seed numbers behind compare.csv's means."""
-    groups = as_groups(runs)
-    check_runs(groups)
-    targets = target_results(groups) or [None] * len(groups)
-    records = []
-    for group, target in zip(groups, targets):
-        for i, ((summary, rows), final) in enumerate(zip(group.runs, method_final(group).runs)):
-            reached = target.reached[i] if target else None
-            records.append({
-                "name": group.name, "seed": group.seeds[i], "run_dir": group.run_dirs[i], "metric": metric_name(summary),
-                "consensus_metric": final.consensus, "mean_peer_metric": final.mean_peer, "worst_peer_metric": final.worst_peer,
-                "distance_product": final.distances["product"], "distance_merged": final.distances["merged"],
-                "bytes_sent_total": final.bytes_sent_total, "samples_seen": final.samples_seen, "rounds": final.rounds,
-                "runtime_s": final.runtime_s, "n_test": consensus_examples(last_with(rows, "consensus_test")),
-                "target_metric": target.targets[i] if target else None,
-                "rounds_to_target": reached.round if reached else None,
-                "bytes_to_target": reached.bytes_sent_total if reached else None,
-                "samples_to_target": reached.samples_seen if reached else None,
-                "own_split_metric": final.own_split,
-            })
-    return _csv_text(SEED_CSV_COLUMNS, records)

@@ -14,7 +14,7 @@ from d2ora.report.layout import LEGEND_MAX
 from d2ora.report.rows import (
     DISTANCES,
     Row,
-    Run,
+    RunInput,
     Summary,
     consensus_metric,
     distance,
@@ -98,7 +98,7 @@ def _series(rows: Sequence[Row], x_key: str, value: Callable[[Row], float | None
 
 def plot_metric(summary: Summary, rows: Sequence[Row], path: Path) -> Path:
     metric, scale = metric_name(summary), metric_scale(summary)
-    fig, ax = _new_axes(f"{summary.get('name', 'run')}: test {metric}",
+    fig, ax = _new_axes(f"{summary.name}: test {metric}",
                         "samples seen (training examples, all peers)", metric_label(summary))
     n_peers = peer_count(summary, rows)
     for p in range(n_peers):
@@ -115,7 +115,7 @@ def plot_metric(summary: Summary, rows: Sequence[Row], path: Path) -> Path:
 
 
 def plot_consensus(summary: Summary, rows: Sequence[Row], path: Path) -> Path:
-    fig, ax = _new_axes(f"{summary.get('name', 'run')}: consensus distance of the peers' adapters", "round",
+    fig, ax = _new_axes(f"{summary.name}: consensus distance of the peers' adapters", "round",
                         DISTANCE_LABEL)
     plotted = False
     for (key, name), style in zip(DISTANCES, ("-o", "-s", "-^")):
@@ -132,7 +132,7 @@ def plot_consensus(summary: Summary, rows: Sequence[Row], path: Path) -> Path:
 
 
 def plot_train_loss(summary: Summary, rows: Sequence[Row], path: Path) -> Path:
-    fig, ax = _new_axes(f"{summary.get('name', 'run')}: training loss",
+    fig, ax = _new_axes(f"{summary.name}: training loss",
                         "round", "mean training loss over the round's local steps")
     n_peers = peer_count(summary, rows)
     for p in range(n_peers):
@@ -184,7 +184,7 @@ def _reference_line(ax: Any, group: MethodRuns, points: Sequence[CurvePoint], y_
                    alpha=0.12, lw=0)
 
 
-def _plot_compare_curves(runs: Sequence[Run | MethodRuns], path: Path, x_key: str, xlabel: str,
+def _plot_compare_curves(runs: Sequence[RunInput | MethodRuns], path: Path, x_key: str, xlabel: str,
                          x_scale: float = 1.0, silent_as_reference: bool = False) -> Path:
     groups = as_groups(runs)
     first = groups[0].runs[0][0]
@@ -202,19 +202,19 @@ def _plot_compare_curves(runs: Sequence[Run | MethodRuns], path: Path, x_key: st
     return _save(fig, path)
 
 
-def plot_compare_metric(runs: Sequence[Run | MethodRuns], path: Path) -> Path:
+def plot_compare_metric(runs: Sequence[RunInput | MethodRuns], path: Path) -> Path:
     """Consensus metric against samples seen: per method the mean over seeds, ± one std as a band."""
     return _plot_compare_curves(runs, path, "samples_seen", "samples seen (training examples, all peers)")
 
 
-def plot_compare_metric_bytes(runs: Sequence[Run | MethodRuns], path: Path) -> Path:
+def plot_compare_metric_bytes(runs: Sequence[RunInput | MethodRuns], path: Path) -> Path:
     """Consensus metric against MB sent (all peers): what each method pays in traffic for its accuracy.
     Methods that send nothing (local, centralized) are dashed horizontal lines at their final level."""
     return _plot_compare_curves(runs, path, "bytes_sent_total", "MB sent (cumulative, all peers; 10^6 bytes)", x_scale=MB,
                                 silent_as_reference=True)
 
 
-def plot_compare_consensus(runs: Sequence[Run | MethodRuns], path: Path) -> Path:
+def plot_compare_consensus(runs: Sequence[RunInput | MethodRuns], path: Path) -> Path:
     """B·A consensus distance per method, the mean over seeds (no band: ± std can cross zero on a log axis)."""
     fig, ax = _new_axes("consensus distance on B·A", "round", DISTANCE_LABEL)
     plotted = False

@@ -1,10 +1,10 @@
-"""Reading the numbers out of a run's metric rows and summary (plain dicts as loaded from JSON).
+"""Reading the numbers out of a run's metric rows and summary.
 
-``rows`` are the lines of ``metrics.jsonl`` (round 0 is before any training) and ``summary`` is the
-run's summary dict. Optional per-round fields (peer and consensus evaluations, validation,
-consensus distances) may be ``null`` in rows that were not evaluated: every accessor here returns
-``None`` (or an empty list) for what a row does not have. Tables, Markdown and plots all read
-through these, so they agree on what a number means.
+``rows`` are the lines of ``metrics.jsonl`` (round 0 is before any training), plain dicts as loaded
+from JSON, and ``summary`` is the run's :class:`~d2ora.report.model.RunSummary`. Optional per-round
+fields (peer and consensus evaluations, validation, consensus distances) may be ``null`` in rows that
+were not evaluated: every accessor here returns ``None`` (or an empty list) for what a row does not
+have. Tables, Markdown and plots all read through these, so they agree on what a number means.
 """
 
 from __future__ import annotations
@@ -12,20 +12,24 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from d2ora.report.model import RunSummary, SummaryInput
+
 Row = Mapping[str, Any]
-Summary = Mapping[str, Any]
-Run = tuple[Summary, Sequence[Row]]
+Summary = RunSummary  # the name the report gave summary.json when it was a plain dict
+Run = tuple[RunSummary, Sequence[Row]]
+#: A run as the report's public functions take it: the summary may still be a plain dict.
+RunInput = tuple[SummaryInput, Sequence[Row]]
 
 # The consensus distance on each DoRA factor: key in ``consensus_distance`` -> label.
 DISTANCES = (("magnitude", "m"), ("product", "B·A"), ("merged", "W'"))
 
 
 def metric_name(summary: Summary) -> str:
-    return str(summary.get("metric") or "accuracy")
+    return summary.metric or "accuracy"
 
 
 def is_higher_better(summary: Summary) -> bool:
-    value = summary.get("higher_is_better")
+    value = summary.higher_is_better
     return metric_name(summary) == "accuracy" if value is None else bool(value)
 
 
@@ -111,13 +115,13 @@ def rows_or_final(summary: Summary, rows: Sequence[Row]) -> Sequence[Row]:
     """The rows, or the summary's final row when no per-round rows were given."""
     if rows:
         return rows
-    final = summary.get("final")
+    final = summary.final
     return [final] if isinstance(final, Mapping) else []
 
 
 def peer_count(summary: Summary, rows: Sequence[Row]) -> int:
     lengths = [len(r.get(k) or []) for r in rows for k in ("peer_test", "train_loss", "bytes_sent")]
-    return max([int(summary.get("peers") or 0), *lengths])
+    return max([summary.peers or 0, *lengths])
 
 
 def item_at(values: Sequence[Any] | None, i: int) -> Any:

@@ -1,18 +1,19 @@
 """What the results and comparison tables hold, and their rich renderings for the terminal.
 
 The headers and formatted records built here are shared with the Markdown report, so the
-terminal and the files always show the same numbers.
+terminal and the files always show the same numbers. Every function here only builds: text
+cells, or rich tables that the caller prints.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from rich.table import Table
 from rich.text import Text
 
+from d2ora.report.finals import method_final
 from d2ora.report.formatting import (
     DASH,
     PLUS_MINUS,
@@ -32,28 +33,23 @@ from d2ora.report.groups import (
     n_test,
     target_results,
 )
+from d2ora.report.model import MethodFinal, RunSummary, SummaryInput
 from d2ora.report.rows import (
     DISTANCES,
     Row,
-    Run,
+    RunInput,
     Summary,
     consensus_metric,
     distance,
     is_evaluated,
     is_higher_better,
     is_percent,
-    last_with,
-    mean_of,
     mean_train_loss,
-    own_split_mean,
     metric_label,
     metric_name,
-    peer_metrics,
     peer_stats,
-    rows_or_final,
-    worst,
 )
-from d2ora.report.stats import TARGET_GAP_POINTS, Spread, binomial_se, spread
+from d2ora.report.stats import TARGET_GAP_POINTS, binomial_se, spread
 
 NOT_REACHED = "not reached"
 
@@ -86,47 +82,6 @@ def results_records(summary: Summary, rows: Sequence[Row]) -> list[list[str]]:
     return [_results_cells(summary, r) for r in rows if is_evaluated(r)]
 
 
-@dataclass(frozen=True)
-class RunFinal:
-    """One run's final numbers, as the comparison shows them (raw values, not formatted)."""
-
-    name: str
-    consensus: float | None
-    mean_peer: float | None
-    worst_peer: float | None
-    own_split: float | None  # mean peer on its own held-out split (the personalized view)
-    distances: dict[str, float | None]
-    bytes_sent_total: int | None
-    samples_seen: int | None
-    rounds: int | None
-    runtime_s: float | None
-
-
-def run_final(summary: Summary, rows: Sequence[Row]) -> RunFinal:
-    """Each quantity from the last row that has it (the last rounds may skip evaluation)."""
-    rows = rows_or_final(summary, rows)
-    metric = metric_name(summary)
-    consensus_row = last_with(rows, "consensus_test")
-    peer_row = last_with(rows, "peer_test")
-    val_row = last_with(rows, "peer_val")
-    dist_row = last_with(rows, "consensus_distance")
-    last = rows[-1] if rows else {}
-    peers = [v for v in peer_metrics(peer_row, metric) if v is not None] if peer_row else []
-    runtime = summary.get("runtime_s")
-    return RunFinal(
-        name=str(summary.get("name", "run")),
-        consensus=consensus_metric(consensus_row, metric) if consensus_row else None,
-        mean_peer=mean_of(peers),
-        worst_peer=worst(peers, is_higher_better(summary)),
-        own_split=own_split_mean(val_row, metric) if val_row else None,
-        distances={key: distance(dist_row, key) if dist_row else None for key, _ in DISTANCES},
-        bytes_sent_total=last.get("bytes_sent_total"),
-        samples_seen=last.get("samples_seen"),
-        rounds=last.get("round"),
-        runtime_s=None if runtime is None else float(runtime),
-    )
-
-
 def _best_indices(values: Sequence[float | None], higher_is_better: bool) -> set[int]:
     """Indices of the best value (all of them on a tie); none when no value is known."""
     known = [v for v in values if v is not None and not math.isnan(v)]
@@ -143,39 +98,6 @@ def _compare_headers(summary: Summary, multi_seed: bool) -> list[str]:
         "distance B·A", "distance W'", "MB sent", "runtime (s)",
     ]
     return [*headers, "seeds"] if multi_seed else headers  # last: a single-seed table keeps its columns
-
-
-@dataclass(frozen=True)
-class MethodFinal:
-    """One method's final numbers over its seeds, each as mean and sample std (ddof = 1)."""
-
-    name: str
-    runs: tuple[RunFinal, ...]  # one per seed, in the group's seed order
-    consensus: Spread
-    mean_peer: Spread
-    worst_peer: Spread
-    own_split: Spread
-    distances: dict[str, Spread]
-    bytes_sent_total: Spread
-    samples_seen: Spread
-    runtime_s: Spread
-
-
-def method_final(group: MethodRuns) -> MethodFinal:
-    """:func:`run_final` of every seed, then mean and spread of each quantity over the seeds."""
-    finals = tuple(run_final(s, r) for s, r in group.runs)
-
-    def over(get: Callable[[RunFinal], float | None]) -> Spread:
-        return spread([get(f) for f in finals])
-
-    return MethodFinal(
-        name=group.name, runs=finals,
-        consensus=over(lambda f: f.consensus), mean_peer=over(lambda f: f.mean_peer),
-        worst_peer=over(lambda f: f.worst_peer), own_split=over(lambda f: f.own_split),
-        distances={key: over(lambda f, key=key: f.distances[key]) for key, _ in DISTANCES},
-        bytes_sent_total=over(lambda f: f.bytes_sent_total), samples_seen=over(lambda f: f.samples_seen),
-        runtime_s=over(lambda f: f.runtime_s),
-    )
 
 
 def _compare_cells(summary: Summary, final: MethodFinal, multi_seed: bool) -> list[str]:
@@ -196,14 +118,14 @@ def _compare_cells(summary: Summary, final: MethodFinal, multi_seed: bool) -> li
     return [*cells, str(len(final.runs))] if multi_seed else cells
 
 
-def check_runs(runs: Sequence[Run | MethodRuns]) -> Summary:
+def check_runs(runs: Sequence[RunInput | MethodRuns]) -> Summary:
     """The first run's summary, after checking that the runs (or groups of runs) can be compared at all."""
     groups = as_groups(runs)
     check_groups(groups)
     return groups[0].runs[0][0]
 
 
-def compare_records(runs: Sequence[Run | MethodRuns]) -> tuple[list[str], list[list[str]], set[int]]:
+def compare_records(runs: Sequence[RunInput | MethodRuns]) -> tuple[list[str], list[list[str]], set[int]]:
     """Headers, formatted rows (one per method, mean ± std over its seeds) and the indices of the
     methods with the best mean consensus metric."""
     groups = as_groups(runs)
@@ -214,7 +136,7 @@ def compare_records(runs: Sequence[Run | MethodRuns]) -> tuple[list[str], list[l
     return _compare_headers(first, multi), [_compare_cells(first, f, multi) for f in finals], best
 
 
-def spread_note(runs: Sequence[Run | MethodRuns]) -> str | None:
+def spread_note(runs: Sequence[RunInput | MethodRuns]) -> str | None:
     """What a ``±`` means, for tables of several seeds; None for a single seed (no ± is shown)."""
     groups = as_groups(runs)
     if not is_multi_seed(groups):
@@ -225,7 +147,7 @@ def spread_note(runs: Sequence[Run | MethodRuns]) -> str | None:
             f"error of such a mean is the standard deviation / √(number of seeds).")
 
 
-def standard_error_note(runs: Sequence[Run | MethodRuns]) -> str | None:
+def standard_error_note(runs: Sequence[RunInput | MethodRuns]) -> str | None:
     """The binomial standard error of one test accuracy on the test set used, so a reader can tell a
     real difference from test-set noise; None for other metrics or an unknown test-set size."""
     groups = as_groups(runs)
@@ -260,7 +182,7 @@ def _fmt_rounds(value: float | None) -> str:
     return DASH if value is None else (str(int(value)) if float(value).is_integer() else f"{value:.1f}")
 
 
-def target_records(runs: Sequence[Run | MethodRuns],
+def target_records(runs: Sequence[RunInput | MethodRuns],
                    gap_points: float = TARGET_GAP_POINTS) -> tuple[list[str], list[list[str]]] | None:
     """Headers and rows of the rounds-to-target table; None when it cannot be computed
     (see :func:`~d2ora.report.groups.target_results`)."""
@@ -276,7 +198,7 @@ def target_records(runs: Sequence[Run | MethodRuns],
     return headers, [_target_cells(first, r, multi) for r in results]
 
 
-def target_note(runs: Sequence[Run | MethodRuns], gap_points: float = TARGET_GAP_POINTS) -> str:
+def target_note(runs: Sequence[RunInput | MethodRuns], gap_points: float = TARGET_GAP_POINTS) -> str:
     """Why the rounds-to-target table is there (or is not)."""
     groups = as_groups(runs)
     first = check_runs(groups)
@@ -299,13 +221,14 @@ def _rich_table(title: str, headers: Sequence[str], records: Sequence[Sequence[s
     return table
 
 
-def results_table(summary: Summary, rows: Sequence[Row]) -> Table:
+def results_table(summary: SummaryInput, rows: Sequence[Row]) -> Table:
     """One row per evaluated round: samples, train loss, consensus and peer metric, distances, MB."""
-    title = f"{summary.get('name', 'run')}: {metric_name(summary)} per round"
+    summary = RunSummary.coerce(summary)
+    title = f"{summary.name}: {metric_name(summary)} per round"
     return _rich_table(title, results_headers(summary), results_records(summary, rows))
 
 
-def compare_table(runs: Sequence[Run | MethodRuns]) -> Table:
+def compare_table(runs: Sequence[RunInput | MethodRuns]) -> Table:
     """One row per method with its final numbers (mean ± std over seeds); the best consensus metric is bold."""
     headers, records, best = compare_records(runs)
     styled: list[list[str | Text]] = []
@@ -318,7 +241,7 @@ def compare_table(runs: Sequence[Run | MethodRuns]) -> Table:
     return _rich_table("comparison of runs (final round)", headers, styled)
 
 
-def target_table(runs: Sequence[Run | MethodRuns], gap_points: float = TARGET_GAP_POINTS) -> Table | None:
+def target_table(runs: Sequence[RunInput | MethodRuns], gap_points: float = TARGET_GAP_POINTS) -> Table | None:
     """Rounds and MB until each method is within ``gap_points`` of centralized; None when not computed."""
     table = target_records(runs, gap_points)
     if table is None:

@@ -2,7 +2,8 @@
 
 Plots first, so a report never links to a plot that is half written; each file goes to a
 temporary file beside the target and is renamed over it, so a failed rewrite leaves the previous
-report whole.
+report whole. The modules that build a report's content (markdown, csv_files, tables, and plots up
+to the saved PNG) take typed summaries and return text or figures; files are written here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from d2ora import atomic
+from d2ora.report.csv_files import compare_csv, compare_seeds_csv
 from d2ora.report.groups import MethodRuns, as_groups
 from d2ora.report.layout import (
     COMPARE_CSV_NAME,
@@ -21,12 +23,8 @@ from d2ora.report.layout import (
     REPORT_NAME,
     RUN_PLOTS,
 )
-from d2ora.report.markdown import (
-    compare_csv,
-    compare_markdown,
-    compare_seeds_csv,
-    run_markdown,
-)
+from d2ora.report.markdown import compare_markdown, run_markdown
+from d2ora.report.model import RunSummary, SummaryInput
 from d2ora.report.plots import (
     plot_compare_consensus,
     plot_compare_metric,
@@ -35,12 +33,14 @@ from d2ora.report.plots import (
     plot_metric,
     plot_train_loss,
 )
-from d2ora.report.rows import Row, Run, Summary, rows_or_final
+from d2ora.report.rows import Row, RunInput, rows_or_final
 from d2ora.report.tables import check_runs
 
 
-def write_run_report(out_dir: Path, summary: Summary, rows: Sequence[Row]) -> Path:
-    """Write ``out_dir/report.md`` and its plots under ``out_dir/plots/``; return the report's path."""
+def write_run_report(out_dir: Path, summary: SummaryInput, rows: Sequence[Row]) -> Path:
+    """Write ``out_dir/report.md`` and its plots under ``out_dir/plots/``; return the report's path.
+    ``summary`` is a RunSummary, or a plain dict as loaded from summary.json."""
+    summary = RunSummary.coerce(summary)
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
@@ -51,12 +51,12 @@ def write_run_report(out_dir: Path, summary: Summary, rows: Sequence[Row]) -> Pa
     return atomic.write_text(out_dir / REPORT_NAME, run_markdown(out_dir, summary, rows))
 
 
-def write_compare_report(out_dir: Path, runs: Sequence[Run | MethodRuns]) -> Path:
+def write_compare_report(out_dir: Path, runs: Sequence[RunInput | MethodRuns]) -> Path:
     """Write ``compare.md``, ``compare.csv``, ``compare_seeds.csv`` and the comparison plots; return the
     Markdown's path. ``runs`` are single runs, or one :class:`~d2ora.report.groups.MethodRuns` per method
     (its runs over seeds)."""
-    check_runs(runs)
-    groups = as_groups(runs)
+    groups = as_groups(runs)  # every summary typed once, here
+    check_runs(groups)
     out_dir = Path(out_dir)
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
