@@ -107,7 +107,7 @@ def test_keeps_the_newest_checkpoints_and_a_pointer(uninterrupted: Path) -> None
     assert sorted(p.name for p in directory.iterdir() if p.is_dir()) == ["round-000002", "round-000003"]
     assert (directory / "latest").read_text().strip() == "round-000003"
     meta = json.loads((directory / "round-000003" / "state.json").read_text())
-    assert meta["round"] == 3 and [r["round"] for r in meta["rows"]] == [0, 1, 2, 3]
+    assert meta["state"]["loop.round"] == 3 and [r["round"] for r in meta["rows"]] == [0, 1, 2, 3]
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -167,3 +167,24 @@ def test_cli_resume_errors_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text(f"peers: 4\noutput_dir: {tmp_path}\n")
     result = CliRunner().invoke(app, ["simulate", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "no checkpoints" in result.output and "Traceback" not in result.output
+
+
+def test_a_checkpoint_of_an_earlier_format_is_refused_in_one_line(uninterrupted: Path, tmp_path: Path) -> None:
+    """A checkpoint written by an earlier d2ora (format 1: optimizer state by parameter index) is not
+    skipped as damaged nor half-loaded: the resume stops with one line saying to rerun."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    for meta_path in rank_dir(run, 0).glob("round-*/state.json"):
+        meta = json.loads(meta_path.read_text())
+        old = {"format": 1, "round": meta["state"]["loop.round"], "config": meta["config"], "rows": meta["rows"],
+               "tensors_sha256": meta["tensors_sha256"]}
+        meta_path.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match=r"written by an earlier d2ora \(checkpoint format 1; .*rerun"):
+        simulate(config(run), resume=True)
+    result = CliRunner().invoke(app, ["simulate", "--resume", str(run)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(errors) == 1 and "earlier d2ora" in errors[0] and "rerun" in result.output, result.output
+    assert "skipping checkpoint" not in result.output

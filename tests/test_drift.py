@@ -77,16 +77,16 @@ class ProximalTask:
 def test_fedprox_hook_equals_the_explicit_proximal_loss(tiny_dir: str) -> None:
     mu = 0.7
     ours = peer_model(tiny_dir)
-    hooked = trainer(ours)
-    hooked.correction = LocalCorrection(ours, prox_mu=mu)
-    hooked.correction.begin_round()
+    correction = LocalCorrection(ours, prox_mu=mu)
+    hooked = trainer(ours, correction=correction)
+    correction.begin_round()
     reference = peer_model(tiny_dir)
     explicit = trainer(reference)
     explicit.task = ProximalTask(reference, reference.flat(), mu)
     for step in range(3):
         hooked.step(features(step))
         explicit.step(features(step))
-    moved = (ours.flat() - hooked.correction.anchor).norm()
+    moved = (ours.flat() - correction.anchor).norm()
     assert moved > 0
     torch.testing.assert_close(ours.flat(), reference.flat(), rtol=1e-5, atol=1e-6)
     # And the term matters: without it the peers end elsewhere.
@@ -236,7 +236,7 @@ def test_kgt_doubles_the_bytes_and_its_corrections_sum_to_zero(plain_run: Path, 
     assert kgt[2]["train_loss"] != plain[2]["train_loss"]  # then it corrects
     assert kgt[-1]["bytes_sent_total"] == 2 * plain[-1]["bytes_sent_total"]
     assert summary["name"] == "d2ora+kgt" and summary["drift"] == "kgt"
-    state = load_file(next((tmp_path / "checkpoints").rglob("state.safetensors")))["drift"]
+    state = load_file(next((tmp_path / "checkpoints").rglob("state.safetensors")))["drift.state"]
     assert state.abs().max() > 0
     assert float(state.sum(0).abs().max()) < 1e-4 * float(state.abs().max())
 

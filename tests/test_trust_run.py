@@ -194,3 +194,42 @@ def test_label_flip_peers_train_on_flipped_copies_and_the_rest_is_unchanged(tmp_
     before, after = clean["label_counts"], poisoned["label_counts"]
     assert after[1] == before[1][::-1] and before[1] != before[1][::-1]
     assert [row for k, row in enumerate(after) if k != 1] == [row for k, row in enumerate(before) if k != 1]
+
+
+def test_a_resumed_attack_run_continues_like_the_uninterrupted_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trust run's state outlives a crash: a replaying Byzantine peer resends its previous
+    step's message, so after a resume it must still hold the one from before the checkpoint, and
+    the rejection counts in summary.json cover the whole run, not only its resumed part."""
+    import yaml
+
+    from d2ora.engine.host import PeerHost
+    from d2ora.trust.identity import load_roster, public_key_string, write_private_key
+
+    keys = tmp_path / "keys"
+    roster = {"peers": {str(p): public_key_string(write_private_key(keys / f"peer-{p}.key")) for p in range(4)}}
+    (tmp_path / "roster.yaml").write_text(yaml.safe_dump(roster))
+    signed = {"trust": "keys", "roster": tmp_path / "roster.yaml", "keys_dir": keys, "rounds": 3, "checkpoint_every": 2,
+              "mixer": "d2ora", "attack": "replay", "byzantine": [1], **FAST}
+    reference = simulate(tiny_config(tmp_path / "reference", **signed))
+    assert reference["trust"]["rejected_by_sender"] == {"1": {"replay": 4}}  # rounds 2 and 3, two neighbours each
+    original, calls = PeerHost.local_step, {"n": 0}
+
+    def failing(self, sequential=False):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:  # first local step of round 3, after round 2's checkpoint
+            raise RuntimeError("power cut")
+        return original(self, sequential)
+
+    monkeypatch.setattr(PeerHost, "local_step", failing)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="power cut"):
+        simulate(tiny_config(out, **signed))
+    monkeypatch.undo()
+    resumed = simulate(tiny_config(out, **signed), resume=True)
+    assert resumed["trust"]["rejected_by_sender"] == reference["trust"]["rejected_by_sender"]
+    assert resumed["final"]["consensus_test"] == reference["final"]["consensus_test"]
+    for peer in range(4):
+        ours, theirs = peer_tensors(out, peer), peer_tensors(tmp_path / "reference", peer)
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    report = verify_run(out, load_roster(tmp_path / "roster.yaml"))
+    assert report.ok, report.lines()

@@ -2,17 +2,19 @@
 
 Every ``every`` rounds each process writes ``checkpoints/rank-<r>/round-<t>/`` under a temporary
 name and renames it into place when complete, then points ``latest`` at it; the newest ``keep``
-are kept. A folder holds:
+are kept. What goes in is the state of named components (:mod:`d2ora.engine.state`): the host's
+adapters (``host``), AdamW and the scheduler (``trainer``), the samplers (``sampler``), the drift
+correction (``drift``, QGM's momentum or K-GT's tracking), torch's generators (``rng``), the loop's
+counters and last consensus adapter (``loop``) and whatever a recipe adds (the trust run,
+``trust``). Each component's entries are filed under its name:
 
-- ``state.safetensors``: the hosted peers' flat adapters, AdamW's moments and step counts, the
-  samplers' epoch orders, torch's RNG states (CPU, and the GPU's when training there), the drift
-  correction's momentum or tracking vector (``drift: qgm | kgt``) and (in the monitor's process) the
-  last consensus adapter;
-- ``state.json``: round counters, the scheduler, the samplers' generator states, the result-relevant
-  config, the layout digest, the metrics rows so far (monitor), and the SHA-256 of the tensor file.
+- ``state.safetensors``: the tensor entries (``trainer.optimizer.<parameter>.exp_avg``, ...);
+- ``state.json``: the format, the result-relevant config, the metrics rows so far (monitor), the
+  other entries (``state``) and the SHA-256 of the tensor file.
 
 safetensors and JSON only: nothing is pickled, so a checkpoint from elsewhere cannot run code. A
-resume takes the newest folder that verifies and warns about any newer one that does not.
+resume takes the newest folder that verifies and warns about any newer one that does not; a
+checkpoint of another format (an earlier d2ora's) is refused, naming what to do.
 """
 
 from __future__ import annotations
@@ -23,28 +25,36 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from d2ora import atomic
-from d2ora.engine.host import PeerHost
+from d2ora.engine import state as component_state
 from d2ora.engine.loop import LoopState
+from d2ora.engine.state import Stateful
 
 TENSORS = "state.safetensors"
 META = "state.json"
 LATEST = "latest"
-FORMAT = 1
+#: 2: components' state under their names (optimizer state by parameter name). 1: d2ora before that.
+FORMAT = 2
 _ROUND_DIR = re.compile(r"^round-(\d{6})$")
+#: The loop's counters: a component every checkpoint holds.
+LOOP = "loop"
 
 
 class CheckpointError(ValueError):
     """No usable checkpoint, or one that belongs to a different run."""
+
+
+class FormatError(CheckpointError):
+    """A checkpoint of another format: not a damaged one to skip, a run this d2ora cannot continue."""
 
 
 def rank_dir(output_dir: Path, rank: int) -> Path:
@@ -74,6 +84,34 @@ def refuse_changed_config(saved: dict[str, Any], current: dict[str, Any], what: 
         )
 
 
+def check_format(meta: Any, folder: Path) -> None:
+    """Refuse a checkpoint's ``state.json`` content ``meta`` unless this d2ora wrote its format."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+        raise CheckpointError(f"{folder / META}: not a d2ora checkpoint")
+    if meta["format"] != FORMAT:
+        which = "an earlier" if meta["format"] < FORMAT else "a newer"
+        raise FormatError(
+            f"{folder} was written by {which} d2ora (checkpoint format {meta['format']}; this one reads "
+            f"format {FORMAT}) and cannot be resumed: rerun the run without --resume"
+        )
+
+
+def _storable(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors safetensors will write: live state may be views into a larger tensor or share
+    one storage (a sender's adapter row sent to several neighbours), which it refuses; copy those."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        tensor = value.detach().cpu().contiguous()
+        storage = tensor.untyped_storage()
+        if tensor.numel() and (storage.data_ptr() in seen or storage.nbytes() != tensor.numel() * tensor.element_size()):
+            tensor = tensor.clone()
+        if tensor.numel():
+            seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
 @dataclass
 class Restored:
     state: LoopState
@@ -82,70 +120,48 @@ class Restored:
 
 
 class Checkpointer:
-    """Writes and restores one process's checkpoints."""
+    """Writes and restores one process's checkpoints: the state of ``components`` (by name)."""
 
-    def __init__(self, directory: Path, host: PeerHost, config: dict[str, Any], *, every: int = 1, keep: int = 2,
-                 warn: Any = print) -> None:
+    def __init__(self, directory: Path, components: Mapping[str, Stateful], config: dict[str, Any], *, every: int = 1,
+                 keep: int = 2, warn: Any = print) -> None:
         if every < 1 or keep < 1:
             raise ValueError(f"checkpoint_every and keep_checkpoints must be at least 1, got {every} and {keep}")
+        if LOOP in components:
+            raise ValueError(f"component name {LOOP!r} is the loop's own")
         self.directory = Path(directory)
-        self.host = host
+        self.components: dict[str, Stateful] = dict(components)
         self.config = config
         self.every = every
         self.keep = keep
         self.warn = warn
+        #: What the last :meth:`restore` read, for components added after it (:meth:`add`); let go
+        #: at the first save.
+        self.restored: tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+    def add(self, name: str, component: Stateful) -> None:
+        """Checkpoint ``component`` too; after a :meth:`restore` it is loaded from that checkpoint
+        now (the trust run is built once the restored round is known: its ledgers rewind to it)."""
+        if name in self.components or name == LOOP:
+            raise ValueError(f"a component named {name!r} is already checkpointed")
+        self.components[name] = component
+        if self.restored is not None:
+            self._load(name, component, *self.restored)
 
     # ------------------------------------------------------------------------------------ write
-    def _tensors(self, state: LoopState) -> dict[str, torch.Tensor]:
-        host = self.host
-        tensors: dict[str, torch.Tensor] = {"adapters": host.peer_model.flat().cpu().contiguous()}
-        optimizer = host.trainer.optimizer
-        for index, param in enumerate(host.trainer.params):
-            for key, value in optimizer.state.get(param, {}).items():
-                if torch.is_tensor(value):
-                    tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-        _, orders = host.sampler.state()
-        tensors.update({f"sampler.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in orders.items()})
-        tensors["rng.torch"] = torch.get_rng_state()
-        if host.device.type == "cuda":  # dropout on a GPU draws from the device's generator
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(host.device)
-        if state.consensus is not None:
-            tensors["consensus"] = state.consensus.detach().cpu().contiguous()
-        correction = host.trainer.correction
-        if correction is not None and correction.state is not None:  # QGM's momentum / K-GT's tracking
-            tensors["drift"] = correction.state.detach().cpu().contiguous()
-        return tensors
-
-    def _meta(self, state: LoopState, rows: list[dict[str, Any]] | None) -> dict[str, Any]:
-        host = self.host
-        scheduler = host.trainer.scheduler
-        sampler_meta, _ = host.sampler.state()
-        return {
-            "format": FORMAT,
-            "round": state.round, "samples_seen": state.samples_seen, "bytes_total": state.bytes_total,
-            "elapsed_s": state.elapsed_s,
-            "peer_ids": [host.peer_ids.start, host.peer_ids.stop],
-            "layout": host.layout.digest(),
-            "config": self.config,
-            "scheduler": {"last_epoch": scheduler.last_epoch, "_step_count": scheduler._step_count,
-                          "_last_lr": list(scheduler.get_last_lr()), "base_lrs": list(scheduler.base_lrs)},
-            "optimizer_lrs": [group["lr"] for group in host.trainer.optimizer.param_groups],
-            "sampler": sampler_meta,
-            "rows": rows,
-        }
-
     def due(self, round_index: int, last_round: int) -> bool:
         return round_index % self.every == 0 or round_index == last_round
 
     def save(self, state: LoopState, rows: list[dict[str, Any]] | None = None) -> Path:
         """Write round ``state.round``'s checkpoint atomically; prune old ones; return its folder."""
+        self.restored = None
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"round-{state.round:06d}"
         staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.directory))
         try:
-            save_file(self._tensors(state), str(staged / TENSORS))
-            meta = self._meta(state, rows)
-            meta["tensors_sha256"] = _sha256(staged / TENSORS)
+            tensors, values = component_state.split({LOOP: state, **self.components})
+            save_file(_storable(tensors), str(staged / TENSORS))
+            meta = {"format": FORMAT, "config": self.config, "rows": rows, "state": values,
+                    "tensors_sha256": _sha256(staged / TENSORS)}
             (staged / META).write_text(json.dumps(meta), encoding="utf-8")
             for path in (staged / TENSORS, staged / META):
                 with open(path, "rb+") as fh:
@@ -176,13 +192,13 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------- read
     def _read(self, folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Meta and tensors of one folder, verified; CheckpointError naming what is wrong."""
+        """Meta and tensors of one folder, verified; CheckpointError naming what is wrong
+        (FormatError for another format)."""
         try:
             meta = json.loads((folder / META).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{folder / META}: unreadable ({exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointError(f"{folder / META}: not a d2ora checkpoint of format {FORMAT}")
+        check_format(meta, folder)
         tensor_path = folder / TENSORS
         try:
             if _sha256(tensor_path) != meta.get("tensors_sha256"):
@@ -193,53 +209,36 @@ class Checkpointer:
         return meta, tensors
 
     def latest_valid(self) -> int | None:
-        """The newest round whose folder verifies; warns about newer broken ones."""
+        """The newest round whose folder verifies; warns about newer broken ones. A checkpoint of
+        another format is refused outright (an older one would be of that format too)."""
         for folder in self._rounds():
             round_index = int(_ROUND_DIR.match(folder.name).group(1))
             try:
                 self._read(folder)
+            except FormatError:
+                raise
             except CheckpointError as exc:
                 self.warn(f"warning: skipping checkpoint {folder.name}: {exc}")
                 continue
             return round_index
         return None
 
+    def _load(self, name: str, component: Stateful, folder: Path, tensors: dict[str, torch.Tensor],
+              values: dict[str, Any]) -> None:
+        try:
+            component.load_state_dict(component_state.part(name, tensors, values))
+        except (ValueError, KeyError) as exc:
+            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise CheckpointError(f"cannot resume from {folder}: its {name} state does not fit this run: {detail}") from None
+
     def restore(self, round_index: int) -> Restored:
-        """Load round ``round_index`` into the host; refuse one from a different run or config."""
+        """Load round ``round_index`` into the components; refuse one from a different run or config."""
         folder = self.directory / f"round-{round_index:06d}"
         meta, tensors = self._read(folder)
-        host = self.host
         refuse_changed_config(meta.get("config") or {}, self.config, folder)
-        if meta["peer_ids"] != [host.peer_ids.start, host.peer_ids.stop]:
-            raise CheckpointError(f"{folder} holds peers {meta['peer_ids']}, this process hosts {[host.peer_ids.start, host.peer_ids.stop]}")
-        if meta["layout"] != host.layout.digest():
-            raise CheckpointError(f"{folder} was written for a different adapter layout (model, targets or rank)")
-        host.peer_model.load_flat(tensors["adapters"].to(host.device))
-        optimizer = host.trainer.optimizer
-        optimizer.state.clear()
-        # Fused / capturable AdamW keep the step count on the parameter's device, the others on the CPU.
-        on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
-        for index, param in enumerate(host.trainer.params):
-            entries = {key.split(".", 2)[2]: t for key, t in tensors.items() if key.startswith(f"optimizer.{index}.")}
-            if entries:
-                optimizer.state[param] = {k: v.to(param.device) if (k != "step" or on_device) else v for k, v in entries.items()}
-        for group, lr in zip(optimizer.param_groups, meta["optimizer_lrs"]):
-            group["lr"] = lr
-        scheduler = host.trainer.scheduler
-        for key, value in meta["scheduler"].items():
-            setattr(scheduler, key, value)
-        correction = host.trainer.correction
-        if correction is not None and correction.state is not None:
-            if "drift" not in tensors:
-                raise CheckpointError(f"{folder} holds no drift-correction state ({correction.method})")
-            correction.load_state(tensors["drift"])
-        orders = {k.removeprefix("sampler."): v.numpy() for k, v in tensors.items() if k.startswith("sampler.")}
-        host.sampler.load_state(meta["sampler"], orders)
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and host.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], host.device)
-        state = LoopState(round=meta["round"], samples_seen=meta["samples_seen"], bytes_total=meta["bytes_total"],
-                          elapsed_s=meta["elapsed_s"], consensus=tensors.get("consensus"))
-        if state.consensus is not None:
-            state.consensus = state.consensus.to(host.device)
+        values = meta.get("state") or {}
+        state = LoopState()
+        for name, component in {LOOP: state, **self.components}.items():
+            self._load(name, component, folder, tensors, values)
+        self.restored = (folder, tensors, values)
         return Restored(state=state, rows=list(meta.get("rows") or []), path=folder)

@@ -43,8 +43,12 @@ corrects the magnitudes and the dense head only (:func:`kept_coordinates`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 
+from d2ora.engine.hooks import RoundHook
 from d2ora.engine.layout import AdapterLayout
 from d2ora.engine.peers import PeerModel
 
@@ -88,14 +92,16 @@ def tangent_factors(left: torch.Tensor, right: torch.Tensor, lora_b: torch.Tenso
     return delta_b, delta_a
 
 
-class LocalCorrection:
-    """The drift-correction state of a host's peers and the hooks the local steps call.
+class LocalCorrection(RoundHook):
+    """The drift-correction state of a host's peers: a round hook (:mod:`d2ora.engine.hooks`) and
+    the trainer's step hooks.
 
     Order within a round: :meth:`begin_round`; per local step the trainer calls
     :meth:`adjust_gradients` (after backward, before clipping) and :meth:`adjust_parameters` (after
-    the optimizer step); after the local steps :meth:`local_update` gives K-GT's Δ to send; after
-    the mix :meth:`finish_round` updates the momentum or tracking vector. Only that vector
-    (``state``) outlives a round, so it alone goes into checkpoints.
+    the optimizer step); after the local steps :meth:`extra_payloads` gives K-GT's Δ to send
+    (:meth:`local_update`); after the mix :meth:`after_mix` updates the momentum or tracking
+    vector (:meth:`finish_round`). Only that vector (``state``) outlives a round, so it alone goes
+    into checkpoints (:meth:`state_dict`).
     """
 
     def __init__(self, peer_model: PeerModel, method: str = "none", *, beta: float = 0.9, prox_mu: float = 0.0,
@@ -157,6 +163,13 @@ class LocalCorrection:
         for key, param in self._params():
             param.sub_(directions[key].to(param.dtype), alpha=scale)
 
+    def extra_payloads(self) -> list[torch.Tensor]:
+        """K-GT sends its local update Δ as a second message per gossip step; the others send nothing."""
+        return [self.local_update()] if self.sends_update else []
+
+    def after_mix(self, sent: Sequence[torch.Tensor], mixed: Sequence[torch.Tensor]) -> None:
+        self.finish_round(sent[0] if sent else None, mixed[0] if mixed else None)
+
     def local_update(self) -> torch.Tensor:
         """K-GT's Δ = x_r − z_T ``(h, numel)``: how far the local steps moved each hosted peer."""
         if self.anchor is None:
@@ -200,6 +213,20 @@ class LocalCorrection:
             delta_b, delta_a = tangent_factors(left, right, b_new, a_new)
             out[b_key], out[a_key] = delta_b.to(self.state.dtype), delta_a.to(self.state.dtype)
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """QGM's momentum or K-GT's tracking vector (``state``); nothing for FedProx alone, whose
+        anchor is set again at every round's start."""
+        return {} if self.state is None else {"state": self.state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.state is None:
+            if state:
+                raise ValueError(f"drift state given, but this run's correction ({self.method}) keeps none")
+            return
+        if "state" not in state:
+            raise ValueError(f"no drift-correction state ({self.method})")
+        self.load_state(state["state"])
 
     def load_state(self, state: torch.Tensor) -> None:
         if self.state is None or state.shape != self.state.shape:

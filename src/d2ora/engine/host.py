@@ -7,7 +7,7 @@ contiguous block (:func:`peer_block`). Everything a host does is per peer and se
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from d2ora.engine.evaluate import collect_layer_inputs
 from d2ora.engine.layout import AdapterLayout
 from d2ora.engine.local_steps import Collate, LocalTrainer, PeerSampler
 from d2ora.engine.peers import PeerModel
+from d2ora.engine.state import Stateful, TorchRandomState
 from d2ora.mixers.base import LayerInputs
 
 
@@ -90,6 +91,31 @@ class PeerHost:
         features = [[self.rows[i] for i in idx] for idx in self.sampler.draw_all()]
         losses = self.trainer.step(features, sequential=sequential)
         return losses, sum(len(f) for f in features)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def components(self) -> dict[str, Stateful]:
+        """What a checkpoint of this host holds, by name (:mod:`d2ora.engine.state`): its peers'
+        adapters, the trainer (AdamW, scheduler), the sampler, the drift correction if any, and
+        torch's generators (dropout)."""
+        parts: dict[str, Stateful] = {"host": self, "trainer": self.trainer, "sampler": self.sampler}
+        correction = self.trainer.correction
+        if correction is not None and hasattr(correction, "state_dict"):  # step hooks may keep no state
+            parts["drift"] = correction
+        parts["rng"] = TorchRandomState(self.device)
+        return parts
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hosted peers' flat adapters, and which peers and layout they are (checked on load)."""
+        return {"adapters": self.peer_model.flat(), "peer_ids": [self.peer_ids.start, self.peer_ids.stop],
+                "layout": self.layout.digest()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        mine = [self.peer_ids.start, self.peer_ids.stop]
+        if list(state["peer_ids"]) != mine:
+            raise ValueError(f"it holds peers {list(state['peer_ids'])}, this process hosts {mine}")
+        if state["layout"] != self.layout.digest():
+            raise ValueError("it was written for a different adapter layout (model, targets or rank)")
+        self.peer_model.load_flat(state["adapters"].to(self.device))
 
     def layer_inputs(self, key: Sequence[int]) -> LayerInputs:
         """Every hosted peer's layer inputs on a batch of its own data, drawn from ``key`` (e.g.

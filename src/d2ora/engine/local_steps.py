@@ -12,8 +12,8 @@ its own): the reference the peer-batched path is checked against.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -70,19 +70,22 @@ class PeerSampler:
     def draw_all(self) -> list[np.ndarray]:
         return [self.draw(k) for k in range(self.peers)]
 
-    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Everything that decides the next draws: JSON (generator states, positions) and arrays
-        (the current epoch orders), for checkpoints."""
-        meta = {"positions": list(self._positions), "rngs": [rng.bit_generator.state for rng in self._rngs]}
-        return meta, {f"order_{k}": order for k, order in enumerate(self._orders)}
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the next draws (:mod:`d2ora.engine.state`): per peer its
+        generator state and position (JSON) and its current epoch order (``order.<k>``, a tensor)."""
+        state: dict[str, Any] = {"positions": list(self._positions), "rngs": [rng.bit_generator.state for rng in self._rngs]}
+        state.update({f"order.{k}": torch.from_numpy(order) for k, order in enumerate(self._orders)})
+        return state
 
-    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        if len(meta["positions"]) != self.peers or len(meta["rngs"]) != self.peers:
-            raise ValueError(f"sampler state is for {len(meta['positions'])} peers, this sampler has {self.peers}")
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        positions, rngs = state["positions"], state["rngs"]
+        if len(positions) != self.peers or len(rngs) != self.peers:
+            raise ValueError(f"sampler state is for {len(positions)} peers, this sampler has {self.peers}")
+        orders = [np.array(torch.as_tensor(state[f"order.{k}"]).numpy(), dtype=np.int64) for k in range(self.peers)]
         for k, rng in enumerate(self._rngs):
-            rng.bit_generator.state = meta["rngs"][k]
-            self._orders[k] = np.asarray(arrays[f"order_{k}"], dtype=np.int64)
-        self._positions = [int(p) for p in meta["positions"]]
+            rng.bit_generator.state = rngs[k]
+        self._orders = orders
+        self._positions = [int(p) for p in positions]
 
 
 def stacked_parameters(peer_model: PeerModel) -> list[nn.Parameter]:
@@ -143,8 +146,27 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class StepCorrection(Protocol):
+    """What the trainer calls around each AdamW step (``d2ora.engine.drift.LocalCorrection``)."""
+
+    def adjust_gradients(self) -> None:
+        """After backward, before clipping (FedProx's proximal gradient is clipped with the rest)."""
+        ...
+
+    def adjust_parameters(self, lr: float) -> None:
+        """After the optimizer step, which ran at learning rate ``lr``."""
+        ...
+
+
 class LocalTrainer:
-    """One local step for every peer at once (or one peer at a time, for checking)."""
+    """One local step for every peer at once (or one peer at a time, for checking).
+
+    ``correction``: the drift correction's step hooks (None: plain local steps);
+    ``logit_offsets``: ``(peers, num_labels)`` offsets added to the logits in the training loss
+    only (``d2ora.engine.label_prior``; None: plain). Its state for checkpoints
+    (:meth:`state_dict`) is AdamW's (moments and step counts keyed by stacked parameter name, and
+    the groups' settings) and the scheduler's.
+    """
 
     def __init__(
         self,
@@ -160,11 +182,19 @@ class LocalTrainer:
         group_size: int | None = None,
         base_dropout: bool = False,
         device: torch.device | str = "cpu",
+        correction: StepCorrection | None = None,
+        logit_offsets: torch.Tensor | None = None,
     ) -> None:
+        if logit_offsets is not None and logit_offsets.shape[0] != peer_model.peers:
+            raise ValueError(f"logit offsets for {logit_offsets.shape[0]} peers, the model holds {peer_model.peers}")
         self.peer_model = peer_model
         self.task = task
         self.collate = collate
         self.params = stacked_parameters(peer_model)
+        names = {id(p): name for name, p in peer_model.model.named_parameters()}
+        #: Stacked parameter -> its name in the model: the key of its optimizer state in checkpoints
+        #: (a name survives a change in parameter order, an index would silently pair wrong tensors).
+        self.param_names = {id(p): names[id(p)] for p in self.params}
         self.optimizer = make_optimizer(self.params, lr, weight_decay)
         self.scheduler = linear_schedule(self.optimizer, total_steps, warmup_ratio)
         self.max_grad_norm = max_grad_norm
@@ -173,10 +203,8 @@ class LocalTrainer:
             raise ValueError(f"group_size must be at least 1, got {group_size}")
         self.device = torch.device(device)
         self.base_dropout = base_dropout
-        #: Drift correction hooks (``d2ora.engine.drift.LocalCorrection``); None: plain local steps.
-        self.correction: Any = None
-        #: ``(peers, num_labels)`` logit offsets of the training loss (``d2ora.engine.label_prior``); None: plain.
-        self.logit_offsets: torch.Tensor | None = None
+        self.correction = correction
+        self.logit_offsets = logit_offsets
 
     def _train_mode(self) -> None:
         """Adapters train; the frozen base runs in eval mode unless ``base_dropout``.
@@ -241,3 +269,56 @@ class LocalTrainer:
         for layer in self.peer_model.layers.values():
             for param in (layer.lora_A, layer.lora_B):
                 self.optimizer.state.pop(param, None)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _group_names(self) -> list[list[str]]:
+        return [[self.param_names[id(p)] for p in group["params"]] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        """AdamW's state by stacked parameter name (``optimizer.<name>.<exp_avg|exp_avg_sq|step>``,
+        tensors; a parameter whose moments were reset has none), the parameter groups' settings
+        with their members' names (``optimizer.param_groups``) and the scheduler's counters
+        (``scheduler``), both JSON."""
+        full = self.optimizer.state_dict()
+        names = [name for group in self._group_names() for name in group]  # torch's state index order
+        state: dict[str, Any] = {
+            "optimizer.param_groups": [
+                {**{k: v for k, v in group.items() if k != "params"}, "params": members}
+                for group, members in zip(full["param_groups"], self._group_names())
+            ],
+        }
+        for index, entries in full["state"].items():
+            for key, value in entries.items():
+                state[f"optimizer.{names[index]}.{key}"] = value
+        scheduler = self.scheduler.state_dict()
+        # The schedule's function is rebuilt from the config by the constructor; LambdaLR lists it
+        # only as a placeholder (or a callable object's fields), which is not state.
+        scheduler.pop("lr_lambdas", None)
+        state["scheduler"] = scheduler
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        current = self._group_names()
+        saved_groups = state["optimizer.param_groups"]
+        if [g["params"] for g in saved_groups] != current:
+            raise ValueError("optimizer state is for other parameters (model, targets or modules_to_save differ)")
+        index = {name: i for i, name in enumerate(n for group in current for n in group)}
+        entries: dict[int, dict[str, Any]] = {}
+        for key, value in state.items():
+            if key == "optimizer.param_groups" or not key.startswith("optimizer."):
+                continue
+            name, entry = key.removeprefix("optimizer.").rsplit(".", 1)
+            if name not in index:
+                raise ValueError(f"optimizer state names parameter {name!r}, which this model does not train")
+            # Copied: torch's loader keeps a tensor that already has the right dtype and device.
+            entries.setdefault(index[name], {})[entry] = value.clone() if torch.is_tensor(value) else value
+        groups = []
+        for live, saved in zip(self.optimizer.param_groups, saved_groups):
+            # JSON made tuples (AdamW's betas) lists: give each setting back its type.
+            group = {k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()}
+            group["params"] = [index[n] for n in saved["params"]]
+            groups.append(group)
+        # torch puts each step count where the optimizer keeps it: on the parameter's device for
+        # fused / capturable AdamW, on the CPU otherwise.
+        self.optimizer.load_state_dict({"state": entries, "param_groups": groups})
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})

@@ -9,11 +9,10 @@ files, console, TensorBoard); every process checkpoints its own peers.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -22,12 +21,9 @@ from d2ora.engine.evaluate import evaluate_each_on_own, evaluate_peers
 from d2ora.engine.exchange import Exchange
 from d2ora.engine.host import PeerHost
 from d2ora.engine.monitor import ConsensusMonitor
+from d2ora.engine.peer_values import MetricColumns, PeerRoundValues
 from d2ora.engine.records import Evaluation, RoundListener, RoundRecord
-from d2ora.engine.round import RoundPlan, run_round
-
-
-#: The parts of a round's time each process reports (the record keeps the slowest process's).
-SECONDS = ("local", "exchange", "mix")
+from d2ora.engine.round import HostRound, RoundPlan, run_round
 
 
 class Collector(Protocol):
@@ -66,131 +62,146 @@ class LoopState:
     elapsed_s: float = 0.0
     consensus: torch.Tensor | None = None  # the last scored consensus adapter (monitor only)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counters (JSON) and, where scored, the consensus adapter (:mod:`d2ora.engine.state`)."""
+        state: dict[str, Any] = {"round": self.round, "samples_seen": self.samples_seen,
+                                 "bytes_total": self.bytes_total, "elapsed_s": self.elapsed_s}
+        if self.consensus is not None:
+            state["consensus"] = self.consensus
+        return state
 
-def _encode(results: Sequence[dict[str, float] | None], keys: Sequence[str]) -> torch.Tensor:
-    """Per-peer metric dicts as (n, 1 + len(keys)) float64: a presence flag, then the values."""
-    out = torch.full((len(results), 1 + len(keys)), math.nan, dtype=torch.float64)
-    for k, result in enumerate(results):
-        if result is not None:
-            out[k, 0] = 1.0
-            out[k, 1:] = torch.tensor([float(result[key]) for key in keys], dtype=torch.float64)
-    return out
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.round, self.samples_seen = int(state["round"]), int(state["samples_seen"])
+        self.bytes_total, self.elapsed_s = int(state["bytes_total"]), float(state["elapsed_s"])
+        consensus = state.get("consensus")
+        self.consensus = None if consensus is None else consensus.clone()
 
 
-def _decode(values: torch.Tensor, keys: Sequence[str], int_keys: frozenset[str]) -> list[dict[str, float] | None]:
-    """The inverse of :func:`_encode`; float64 holds every float32 metric and count exactly."""
-    return [
-        None if row[0] != 1.0 else {key: int(v) if key in int_keys else float(v) for key, v in zip(keys, row[1:].tolist())}
-        for row in values
-    ]
+@dataclass(frozen=True)
+class RunSettings:
+    """The loop's numbers, fixed for the run (the recipe reads them from the config)."""
+
+    rounds: int
+    eval_every: int
+    eval_peers: bool  # score every peer on the test set too (not only the consensus)
+    peers: int  # P, over all processes
+
+
+@dataclass
+class RoundContext:
+    """Everything one process's rounds loop works with, assembled once by the recipe."""
+
+    host: PeerHost
+    exchange: Exchange
+    collector: Collector
+    plan: RoundPlan
+    settings: RunSettings
+    test_batches: Sequence[Batch]
+    val_batches: Sequence[list[Batch]]  # per hosted peer
+    monitor: ConsensusMonitor | None = None  # exactly in the collector's monitor process
+    listeners: Sequence[RoundListener] = ()
+    checkpoint: Callable[[LoopState], None] | None = None
+    on_step: Callable[[int, torch.Tensor], None] | None = None  # (round, losses) after each local step
+    after_round: Callable[[int], None] | None = None  # e.g. the trust layer's ledger blocks, before the checkpoint
 
 
 class RoundLoop:
     """``rounds`` rounds of one process's hosted peers, starting after ``state.round``."""
 
-    def __init__(
-        self,
-        host: PeerHost,
-        exchange: Exchange,
-        collector: Collector,
-        plan: RoundPlan,
-        *,
-        rounds: int,
-        eval_every: int,
-        eval_peers: bool,
-        test_batches: Sequence[Batch],
-        val_batches: Sequence[list[Batch]],  # per hosted peer
-        monitor: ConsensusMonitor | None,
-        peers: int,
-        listeners: Sequence[RoundListener] = (),
-        checkpoint: Callable[[LoopState], None] | None = None,
-        on_step: Callable[[int, torch.Tensor], None] | None = None,
-        after_round: Callable[[int], None] | None = None,
-    ) -> None:
-        if collector.is_monitor != (monitor is not None):
+    def __init__(self, context: RoundContext) -> None:
+        if context.collector.is_monitor != (context.monitor is not None):
             raise ValueError("the monitor runs in exactly the collector's monitor process")
-        self.host, self.exchange, self.collector, self.plan = host, exchange, collector, plan
-        self.rounds, self.eval_every, self.eval_peers = rounds, eval_every, eval_peers
-        self.test_batches, self.val_batches = list(test_batches), list(val_batches)
-        self.monitor, self.peers = monitor, peers
-        self.listeners = list(listeners)
-        self.checkpoint = checkpoint
-        self.on_step = on_step
-        self.after_round = after_round  # e.g. the trust layer's ledger blocks, before the checkpoint
-        self.metric_keys: list[str] | None = None
-        self.int_keys: frozenset[str] = frozenset()
+        self.context = context
+        self.listeners = list(context.listeners)
+        #: The task's metric columns, fixed by the first evaluation (the same in every process).
+        self.metric_columns: MetricColumns | None = None
 
-    def _keys(self, sample: dict[str, float]) -> list[str]:
-        """The task's metric names in its own order (the same in every process), and which are counts."""
-        if self.metric_keys is None:
-            self.metric_keys = list(sample)
-            self.int_keys = frozenset(k for k, v in sample.items() if isinstance(v, int))
-        return self.metric_keys
+    def _columns(self, sample: dict[str, float], sections: list[str]) -> MetricColumns:
+        """The task's metric names in its own order (the same in every process), which are counts,
+        and the sections scored (``val``; ``test`` with eval_peers): fixed by the first evaluation."""
+        if self.metric_columns is None:
+            int_keys = frozenset(k for k, v in sample.items() if isinstance(v, int))
+            self.metric_columns = MetricColumns(sections, list(sample), int_keys)
+        return self.metric_columns
 
     def evaluate(self, round_index: int) -> tuple[Evaluation, torch.Tensor] | None:
         """Every hosted peer scored here; in the monitor's process the evaluation of all peers and
         the scored consensus adapter (None elsewhere)."""
-        host = self.host
-        peer_test = evaluate_peers(host.peer_model, host.task, self.test_batches, host.device) if self.eval_peers else None
-        peer_val = evaluate_each_on_own(host.peer_model, host.task, self.val_batches, host.device)
+        ctx = self.context
+        host, test_batches = ctx.host, list(ctx.test_batches)
+        peer_test = evaluate_peers(host.peer_model, host.task, test_batches, host.device) if ctx.settings.eval_peers else None
+        peer_val = evaluate_each_on_own(host.peer_model, host.task, list(ctx.val_batches), host.device)
         sample = (peer_test or [r for r in peer_val if r is not None] or [None])[0]
         if sample is None:  # no test scoring and no validation data: take the keys from one evaluation
-            sample = evaluate_peers(host.peer_model, host.task, self.test_batches[:1], host.device, peers=[0])[0]
-        keys = self._keys(sample)
-        columns = [_encode(peer_val, keys)] + ([_encode(peer_test, keys)] if peer_test is not None else [])
-        gathered = self.collector.gather_values(torch.cat(columns, dim=1), round_index)
-        flat = self.collector.gather_adapters(host.peer_model.flat(), round_index)
-        if self.monitor is None:
+            sample = evaluate_peers(host.peer_model, host.task, test_batches[:1], host.device, peers=[0])[0]
+        results: dict[str, list[dict[str, float] | None]] = {"val": list(peer_val)}
+        if peer_test is not None:
+            results["test"] = list(peer_test)
+        columns = self._columns(sample, list(results))
+        gathered = ctx.collector.gather_values(columns.encode(results), round_index)
+        flat = ctx.collector.gather_adapters(host.peer_model.flat(), round_index)
+        if ctx.monitor is None:
             return None
-        width = 1 + len(keys)
-        all_val = _decode(gathered[:, :width], keys, self.int_keys)
-        all_test = _decode(gathered[:, width:], keys, self.int_keys) if peer_test is not None else None
-        result = self.monitor.evaluate(flat, round_index)
-        honest = self.monitor.members if self.monitor.members is not None and len(self.monitor.members) < self.peers else None
+        scores = columns.decode(gathered)
+        result = ctx.monitor.evaluate(flat, round_index)
+        members = ctx.monitor.members
+        honest = members if members is not None and len(members) < ctx.settings.peers else None
         evaluation = Evaluation(metric=host.task.metric, consensus_test=result.test, consensus_distance=result.distances,
-                                peer_test=all_test, peer_val=all_val, honest=honest)
+                                peer_test=scores.get("test"), peer_val=scores["val"], honest=honest)
         return evaluation, result.adapter
 
     def _publish(self, record: RoundRecord) -> None:
         for listener in self.listeners:
             listener.on_round(record)
 
+    def _gather_round(self, done: HostRound) -> list[PeerRoundValues] | None:
+        """Round ``done.round``'s values of every peer, in the monitor's process (None elsewhere)."""
+        mine = [
+            PeerRoundValues(train_loss=float(done.train_loss[k]), payload_bytes=done.payload_bytes[k], samples=done.samples[k],
+                            local_s=done.seconds["local"], exchange_s=done.seconds["exchange"], mix_s=done.seconds["mix"],
+                            wire_bytes=done.wire_bytes if k == 0 else 0)  # once per process
+            for k in range(len(done.samples))
+        ]
+        gathered = self.context.collector.gather_values(PeerRoundValues.encode(mine), done.round)
+        return None if gathered is None else PeerRoundValues.decode(gathered)
+
+    def _update(self, peers: list[PeerRoundValues], state: LoopState, started: float,
+                evaluation: Evaluation | None) -> RoundRecord:
+        sent = [p.payload_bytes for p in peers]
+        state.samples_seen += sum(p.samples for p in peers)
+        state.bytes_total += sum(sent)
+        state.elapsed_s = time.perf_counter() - started
+        # The slowest process's time for each part.
+        seconds = {"local": max(p.local_s for p in peers), "exchange": max(p.exchange_s for p in peers),
+                   "mix": max(p.mix_s for p in peers)}
+        return RoundRecord(round=state.round, samples_seen=state.samples_seen, train_loss=[p.train_loss for p in peers],
+                           bytes_sent=sent, bytes_sent_total=state.bytes_total, wall_time_s=state.elapsed_s,
+                           evaluation=evaluation, seconds=seconds, wire_bytes=sum(p.wire_bytes for p in peers))
+
     def run(self, state: LoopState) -> LoopState:
+        ctx = self.context
+        settings = ctx.settings
         started = time.perf_counter() - state.elapsed_s
         if state.round == 0:
             scored = self.evaluate(0)
             if scored is not None:
                 evaluation, state.consensus = scored
-                record = RoundRecord(round=0, samples_seen=0, train_loss=[None] * self.peers, bytes_sent=[0] * self.peers,
-                                     bytes_sent_total=0, wall_time_s=0.0, evaluation=evaluation)
+                record = RoundRecord(round=0, samples_seen=0, train_loss=[None] * settings.peers,
+                                     bytes_sent=[0] * settings.peers, bytes_sent_total=0, wall_time_s=0.0, evaluation=evaluation)
                 self._publish(record)
-        for rnd in range(state.round + 1, self.rounds + 1):
-            step_hook = None if self.on_step is None else (lambda losses, _r=rnd: self.on_step(_r, losses))
-            done = run_round(self.host, self.exchange, self.plan, rnd, on_step=step_hook)
-            if self.after_round is not None:
-                self.after_round(rnd)
-            hosted = len(done.samples)
-            timing = [torch.full((hosted,), done.seconds[k], dtype=torch.float64) for k in SECONDS]
-            wire = torch.zeros(hosted, dtype=torch.float64)
-            wire[0] = done.wire_bytes  # once per process
-            values = torch.stack([done.train_loss.double(), torch.tensor(done.payload_bytes, dtype=torch.float64),
-                                  torch.tensor(done.samples, dtype=torch.float64), *timing, wire], dim=1)
-            gathered = self.collector.gather_values(values, rnd)
-            scored = self.evaluate(rnd) if rnd % self.eval_every == 0 or rnd == self.rounds else None
+        for rnd in range(state.round + 1, settings.rounds + 1):
+            step_hook = None if ctx.on_step is None else (lambda losses, _r=rnd: ctx.on_step(_r, losses))
+            done = run_round(ctx.host, ctx.exchange, ctx.plan, rnd, on_step=step_hook)
+            if ctx.after_round is not None:
+                ctx.after_round(rnd)
+            peers = self._gather_round(done)  # before the evaluation's gathers: every process in the same order
+            scored = self.evaluate(rnd) if rnd % settings.eval_every == 0 or rnd == settings.rounds else None
             evaluation = None
             if scored is not None:
                 evaluation, state.consensus = scored
             state.round = rnd
-            if gathered is not None:
-                sent = [int(v) for v in gathered[:, 1].tolist()]
-                state.samples_seen += int(gathered[:, 2].sum().item())
-                state.bytes_total += sum(sent)
-                state.elapsed_s = time.perf_counter() - started
-                seconds = {k: float(gathered[:, 3 + i].max()) for i, k in enumerate(SECONDS)}
-                record = RoundRecord(round=rnd, samples_seen=state.samples_seen, train_loss=gathered[:, 0].tolist(),
-                                     bytes_sent=sent, bytes_sent_total=state.bytes_total, wall_time_s=state.elapsed_s,
-                                     evaluation=evaluation, seconds=seconds, wire_bytes=int(gathered[:, 3 + len(SECONDS)].sum()))
-                self._publish(record)
-            if self.checkpoint is not None:
-                self.checkpoint(state)
+            if peers is not None:
+                self._publish(self._update(peers, state, started, evaluation))
+            if ctx.checkpoint is not None:
+                ctx.checkpoint(state)
         return state

@@ -1,5 +1,6 @@
 """One round, for whatever block of peers a process hosts: T local steps, then ``mixing_steps``
-exchanges and mixes, then the moment reset when a mixer re-based the factors.
+exchanges and mixes, then what the plan's hooks do after the mix (drift corrections, the moment
+reset when a mixer re-based the factors; :mod:`d2ora.engine.hooks`).
 
 This is the only round code: the simulator (one process hosting all P peers, an in-memory
 exchange) and ``d2ora peer`` under torchrun (N processes hosting P/N peers each, a
@@ -10,15 +11,17 @@ adapter, its in-neighbours' messages and its own row of weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from d2ora.engine.exchange import Exchange, Inbox
+from d2ora.engine.hooks import RoundHook, extra_slot
 from d2ora.engine.host import PeerHost
-from d2ora.engine.share import shared_mask
-from d2ora.mixers.base import Mixer, Neighbourhoods
+from d2ora.engine.local_steps import LocalTrainer
+from d2ora.engine.share import SharePolicy
+from d2ora.mixers.base import LayerInputs, Mixer, Neighbourhoods
 from d2ora.mixers.d2ora import D2oraMixer
 from d2ora.mixers.graph import degree_groups
 
@@ -33,14 +36,14 @@ class DivergedError(RuntimeError):
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """What every round of a run does (the same in every process)."""
+    """What every round of a run does (the same in every process), fixed for the run."""
 
-    mixer: Mixer
-    weights: torch.Tensor  # (P, P); a host reads only its receivers' rows
     local_steps: int
     mixing_steps: int  # 0: no communication (local training, centralized)
+    mixing: Mixing  # the model's mix after each gossip step
+    linear: Mixing  # how hooks' extra payloads are mixed: linearly, same weights and share mask
+    hooks: tuple[RoundHook, ...] = ()  # in the order they are called (d2ora.engine.hooks)
     sequential: bool = False
-    share: str = "all"  # what travels (d2ora.engine.share); the other parts are kept as they are
 
 
 @dataclass
@@ -81,46 +84,87 @@ def held_weights(weights: torch.Tensor, receiver: int, hood: list[int]) -> torch
     return kept * (row.sum() / kept.sum())
 
 
-def mix_received(host: PeerHost, plan: RoundPlan, outgoing: torch.Tensor, inbox: Inbox,
-                 key: tuple[int, int]) -> torch.Tensor:
-    """Each hosted receiver's new flat adapter ``(h, numel)`` from its own adapter (``outgoing``)
-    and the in-neighbours' messages it holds, receivers of equal degree in one batched mixer call."""
-    layout = host.layout
-    mixer = plan.mixer
-    inputs = host.layer_inputs(key) if mixer.needs_layer_inputs else None
-    new = outgoing.clone()
-    base = host.peer_model.base_weights()
-    # Receivers batched by how many adapters they hold: a rejected message is not in the inbox.
-    for members, hoods in degree_groups(plan.weights, host.peer_ids, holds=lambda j, i: (j, i) in inbox.messages):
-        for receivers, nbrs in _chunks(members, hoods, layout.numel):
-            flat = torch.stack([
-                torch.stack([outgoing[host.local(j)] if j == i else inbox.messages[(j, i)].to(outgoing.device) for j in hood])
-                for i, hood in zip(receivers, nbrs)
-            ])  # (g, k, numel)
-            layers, dense = layout.unflatten(flat)
-            weights = torch.stack([held_weights(plan.weights, i, hood) for i, hood in zip(receivers, nbrs)])
-            own = torch.tensor([hood.index(i) for i, hood in zip(receivers, nbrs)])
-            layer_inputs = None
-            if inputs is not None:
-                def layer_inputs(row: int, layer: str, _receivers: list[int] = receivers) -> torch.Tensor:
-                    return inputs(_receivers[row], layer)
-            out = mixer.mix(Neighbourhoods(layers=layers, dense=dense, weights=weights, own=own, layer_inputs=layer_inputs,
-                                           base_weights=base))
-            new[[host.local(i) for i in receivers]] = layout.flatten_stacks(out.layers, out.dense).to(new.dtype)
-    if plan.share != "all":  # the parts a peer keeps are its own, bit for bit, whatever the rule did
-        kept = ~shared_mask(layout, plan.share).to(new.device)
-        new[:, kept] = outgoing[:, kept]
-    return new
+class Mixing:
+    """How a host mixes what it holds after a gossip step, set up once per run: the rule, the
+    mixing weights, the share policy, the frozen W0 (DoRA-exact) and, for an activation-matching
+    rule (DIMAT), where each gossip step's layer inputs come from."""
+
+    def __init__(self, host: PeerHost, mixer: Mixer, weights: torch.Tensor, share: SharePolicy) -> None:
+        self.host = host
+        self.mixer = mixer
+        self.weights = weights  # (P, P); a host reads only its receivers' rows
+        self.share = share
+        self.base_weights = host.peer_model.base_weights()  # frozen: the same tensors all run
+        # Drawn per gossip step from (round, step) and each peer's own data, with its current adapter.
+        self.layer_inputs: Callable[[tuple[int, int]], LayerInputs] | None = (
+            host.layer_inputs if mixer.needs_layer_inputs else None)
+
+    def mix(self, outgoing: torch.Tensor, inbox: Inbox, key: tuple[int, int]) -> torch.Tensor:
+        """Each hosted receiver's new flat adapter ``(h, numel)`` from its own adapter (``outgoing``)
+        and the in-neighbours' messages it holds, receivers of equal degree in one batched mixer
+        call; ``key`` (round, step) draws DIMAT's layer-input batch."""
+        host, layout, mixer = self.host, self.host.layout, self.mixer
+        inputs = self.layer_inputs(key) if self.layer_inputs is not None else None
+        new = outgoing.clone()
+        # Receivers batched by how many adapters they hold: a rejected message is not in the inbox.
+        for members, hoods in degree_groups(self.weights, host.peer_ids, holds=lambda j, i: (j, i) in inbox.messages):
+            for receivers, nbrs in _chunks(members, hoods, layout.numel):
+                flat = torch.stack([
+                    torch.stack([outgoing[host.local(j)] if j == i else inbox.messages[(j, i)].to(outgoing.device) for j in hood])
+                    for i, hood in zip(receivers, nbrs)
+                ])  # (g, k, numel)
+                layers, dense = layout.unflatten(flat)
+                weights = torch.stack([held_weights(self.weights, i, hood) for i, hood in zip(receivers, nbrs)])
+                own = torch.tensor([hood.index(i) for i, hood in zip(receivers, nbrs)])
+                layer_inputs = None
+                if inputs is not None:
+                    def layer_inputs(row: int, layer: str, _receivers: list[int] = receivers) -> torch.Tensor:
+                        return inputs(_receivers[row], layer)
+                out = mixer.mix(Neighbourhoods(layers=layers, dense=dense, weights=weights, own=own,
+                                               layer_inputs=layer_inputs, base_weights=self.base_weights))
+                new[[host.local(i) for i in receivers]] = layout.flatten_stacks(out.layers, out.dense).to(new.dtype)
+        return self.share.keep_own(new, outgoing)  # the parts a peer keeps are its own, bit for bit
 
 
-def run_round(host: PeerHost, exchange: Exchange, plan: RoundPlan, round_index: int,
-              on_step: Callable[[torch.Tensor], None] | None = None) -> HostRound:
-    """Round ``round_index`` (1-based) of the hosted peers; ``on_step(losses)`` after each local step."""
+class ResetFactorMoments(RoundHook):
+    """After a mixer re-based A and B (DeCAF, DoRA-exact), AdamW's moments for them describe other
+    coordinates: forget them (:meth:`LocalTrainer.reset_factor_moments`)."""
+
+    def __init__(self, trainer: LocalTrainer) -> None:
+        self.trainer = trainer
+
+    def after_mix(self, sent: Sequence[torch.Tensor], mixed: Sequence[torch.Tensor]) -> None:
+        self.trainer.reset_factor_moments()
+
+
+def make_plan(host: PeerHost, mixer: Mixer, weights: torch.Tensor, *, local_steps: int, mixing_steps: int,
+              share: SharePolicy, hooks: Sequence[RoundHook] = (), sequential: bool = False) -> RoundPlan:
+    """The run's round: ``hooks`` (the drift correction) in their order, then the moment reset
+    when ``mixer`` re-bases the factors."""
+    chain = [*hooks, *([ResetFactorMoments(host.trainer)] if mixer.factors_replaced else [])]
+    return RoundPlan(local_steps=local_steps, mixing_steps=mixing_steps, mixing=Mixing(host, mixer, weights, share),
+                     linear=Mixing(host, D2oraMixer(), weights, share), hooks=tuple(chain), sequential=sequential)
+
+
+@dataclass
+class Traffic:
+    """What a host's gossip steps sent, and how long exchanging and mixing took."""
+
+    payload_bytes: list[int]  # per hosted peer
+    wire_bytes: int = 0
+    exchange_s: float = 0.0
+    mix_s: float = 0.0
+
+    def count(self, inbox: Inbox, peer_ids: range) -> None:
+        for k, peer in enumerate(peer_ids):
+            self.payload_bytes[k] += inbox.payload_bytes.get(peer, 0)
+        self.wire_bytes += inbox.wire_bytes
+
+
+def local_steps(host: PeerHost, plan: RoundPlan, round_index: int,
+                on_step: Callable[[torch.Tensor], None] | None) -> tuple[torch.Tensor, list[int]]:
+    """``plan.local_steps`` AdamW steps of every hosted peer: mean losses ``(h,)`` and examples per peer."""
     hosted = len(host.peer_ids)
-    correction = host.trainer.correction
-    if correction is not None:
-        correction.begin_round()
-    started = time.perf_counter()
     loss_sum = torch.zeros(hosted)
     samples = [0] * hosted
     for _ in range(plan.local_steps):
@@ -131,37 +175,48 @@ def run_round(host: PeerHost, exchange: Exchange, plan: RoundPlan, round_index: 
             samples[k] += seen // hosted
         if on_step is not None:
             on_step(losses)
-    local_s = time.perf_counter() - started
-    payload = [0] * hosted
-    wire = 0
-    exchange_s = mix_s = 0.0
-    # K-GT: each peer's local update Δ travels as a second message per gossip step (slots after the
-    # model's), mixed linearly with the same weights.
-    own_update = mixed_update = correction.local_update() if correction is not None and correction.sends_update else None
-    linear = replace(plan, mixer=D2oraMixer())  # how the updates Δ are mixed
-    for step in range(plan.mixing_steps):
+    return loss_sum / plan.local_steps, samples
+
+
+def gossip(host: PeerHost, exchange: Exchange, plan: RoundPlan, round_index: int,
+           extras: list[torch.Tensor]) -> tuple[list[torch.Tensor], Traffic]:
+    """``plan.mixing_steps`` gossip steps: each exchanges the hosted adapters (slot ``step``) and
+    then every extra payload (slot :func:`~d2ora.engine.hooks.extra_slot`), then mixes the adapters
+    by the run's rule and the payloads linearly. Returns the payloads as mixed, and the traffic."""
+    traffic = Traffic(payload_bytes=[0] * len(host.peer_ids))
+    steps = plan.mixing_steps
+    for step in range(steps):
         tick = time.perf_counter()
         outgoing = host.peer_model.flat()
         inbox = exchange.exchange(outgoing, round_index, step)
-        inboxes = [inbox]
-        if mixed_update is not None:
-            update_inbox = exchange.exchange(mixed_update, round_index, plan.mixing_steps + step)
-            inboxes.append(update_inbox)
+        slots = [extra_slot(steps, e, step) for e in range(len(extras))]
+        extra_inboxes = [exchange.exchange(payload, round_index, slot) for payload, slot in zip(extras, slots)]
         tock = time.perf_counter()
-        host.peer_model.load_flat(mix_received(host, plan, outgoing, inbox, (round_index, step)))
-        if mixed_update is not None:
-            mixed_update = mix_received(host, linear, mixed_update, update_inbox, (round_index, plan.mixing_steps + step))
-        exchange_s += tock - tick
-        mix_s += time.perf_counter() - tock
-        for box in inboxes:
-            for k, peer in enumerate(host.peer_ids):
-                payload[k] += box.payload_bytes.get(peer, 0)
-            wire += box.wire_bytes
-    if correction is not None and plan.mixing_steps:
-        correction.finish_round(own_update, mixed_update)
-    if plan.mixing_steps and plan.mixer.factors_replaced:
-        host.trainer.reset_factor_moments()
+        host.peer_model.load_flat(plan.mixing.mix(outgoing, inbox, (round_index, step)))
+        extras = [plan.linear.mix(payload, box, (round_index, slot)) for payload, box, slot in zip(extras, extra_inboxes, slots)]
+        traffic.exchange_s += tock - tick
+        traffic.mix_s += time.perf_counter() - tock
+        for box in (inbox, *extra_inboxes):
+            traffic.count(box, host.peer_ids)
+    return extras, traffic
+
+
+def run_round(host: PeerHost, exchange: Exchange, plan: RoundPlan, round_index: int,
+              on_step: Callable[[torch.Tensor], None] | None = None) -> HostRound:
+    """Round ``round_index`` (1-based) of the hosted peers; ``on_step(losses)`` after each local step."""
+    for hook in plan.hooks:
+        hook.begin_round()
+    started = time.perf_counter()
+    train_loss, samples = local_steps(host, plan, round_index, on_step)
+    local_s = time.perf_counter() - started
+    traffic = Traffic(payload_bytes=[0] * len(host.peer_ids))
+    if plan.mixing_steps:
+        sent = [hook.extra_payloads() for hook in plan.hooks]
+        mixed, traffic = gossip(host, exchange, plan, round_index, [p for payloads in sent for p in payloads])
+        for hook, own in zip(plan.hooks, sent):
+            hook.after_mix(own, mixed[: len(own)])
+            mixed = mixed[len(own) :]
     return HostRound(
-        round=round_index, train_loss=loss_sum / plan.local_steps, samples=samples, payload_bytes=payload,
-        wire_bytes=wire, seconds={"local": local_s, "exchange": exchange_s, "mix": mix_s},
+        round=round_index, train_loss=train_loss, samples=samples, payload_bytes=traffic.payload_bytes,
+        wire_bytes=traffic.wire_bytes, seconds={"local": local_s, "exchange": traffic.exchange_s, "mix": traffic.mix_s},
     )

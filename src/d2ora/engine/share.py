@@ -18,9 +18,12 @@ the model the peers agree on, and a global model needs one head.
 torch.distributed, the trust layer): a message carries the shared entries only (so the bytes
 reported are what a peer really sends, and a signature covers exactly them), and the receiver
 completes each neighbour's adapter with its own values for the parts it keeps, so every mixer
-still sees whole adapters. After the mix the round writes the kept parts back unchanged
-(:func:`d2ora.engine.round.mix_received`), so a linear mix of identical values cannot drift them by
-rounding and a re-basing mixer cannot touch them.
+still sees whole adapters. After every mix the kept parts are written back unchanged
+(:meth:`SharePolicy.keep_own`, called by :class:`d2ora.engine.round.Mixing`), so a linear mix of
+identical values cannot drift them by rounding and a re-basing mixer cannot touch them.
+
+:class:`SharePolicy` is the one place the mode is decided, once per run: its mask, the message
+size, the exchange wrapper and the after-mix write-back.
 
 Mixers that couple the parts are refused where a kept part would be meaningless (checked in the
 config): ``dora_exact`` mixes the merged weight, m and B·A together; ``magnitude`` and ``lora_a``
@@ -89,3 +92,34 @@ class SharedPartsExchange:
             whole[mask] = values.to(device=whole.device, dtype=whole.dtype)
             inbox.messages[(sender, receiver)] = whole
         return inbox
+
+
+class SharePolicy:
+    """A run's share mode over one adapter layout, decided once: which entries travel, how many
+    values a message holds, the exchange wrapper that sends them, and the write-back of the kept
+    parts after every mix."""
+
+    def __init__(self, layout: AdapterLayout, mode: str = "all") -> None:
+        self.mode = mode
+        #: (numel,) bool: the entries that travel (validates the mode).
+        self.mask = shared_mask(layout, mode)
+        #: Every part travels: no wrapper, nothing to write back (decided by the mode, as configured).
+        self.shares_all = mode == "all"
+        self.message_numel = int(self.mask.sum())
+        self._kept: dict[torch.device, torch.Tensor] = {}
+
+    def wrap(self, exchange: Exchange) -> Exchange:
+        """``exchange`` sending only the shared entries (itself when everything is shared); the
+        outermost wrapper, so signatures cover exactly what is sent."""
+        return exchange if self.shares_all else SharedPartsExchange(exchange, self.mask)
+
+    def keep_own(self, mixed: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """``mixed (h, numel)`` with the parts each peer keeps set back to ``own``, bit for bit,
+        whatever the rule did (in place; returned for chaining)."""
+        if self.shares_all:
+            return mixed
+        kept = self._kept.get(mixed.device)
+        if kept is None:  # the mask on this device, made once
+            kept = self._kept[mixed.device] = ~self.mask.to(mixed.device)
+        mixed[:, kept] = own[:, kept]
+        return mixed

@@ -12,7 +12,6 @@ run again, and one with checkpoints of it is resumed, so a long grid continues a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +23,7 @@ from d2ora.engine.checkpoint import CheckpointError, config_differences
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.simulate import CONFIG_FILE, SUMMARY_FILE, check_resumable, simulate
 from d2ora.recipes.simulate_config import CENTRALIZED, MIXER_CHOICES, SimulateConfig
+from d2ora.report.model import RunSummary
 
 if TYPE_CHECKING:
     from d2ora.report import MethodRuns
@@ -33,7 +33,7 @@ METHOD_CHOICES = (*MIXER_CHOICES, CENTRALIZED)
 
 DEFAULT_MIXERS = ("local", "d2ora", "decaf", "dimat", "fedavg", "centralized")
 
-Run = tuple[dict[str, Any], list[dict[str, Any]]]
+Run = tuple[RunSummary, list[dict[str, Any]]]
 
 
 def parse_mixers(text: str | list[str]) -> list[str]:
@@ -113,16 +113,17 @@ def is_finished(config: SimulateConfig, out: Path) -> bool:
 
     config.yaml is written when a run starts, summary.json when it ends: an interrupted rerun leaves
     the new config beside the old summary. The summary's final row equal to the last metrics row of
-    the configured round proves both come from the same, finished run.
+    the configured round proves both come from the same, finished run. A summary.json that does not
+    validate (SummaryError is a ValueError) is no finished run either: it is run again.
     """
     try:
-        summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
+        summary = RunSummary.read(out / SUMMARY_FILE)
         rows = read_rows(out)
     except (OSError, ValueError):
         return False
-    if not rows or rows[-1].get("round") != config.rounds or not isinstance(summary, dict):
+    if not rows or rows[-1].get("round") != config.rounds:
         return False
-    return summary.get("final") == rows[-1]  # both written from the same dict (NaN is stored as null)
+    return summary.final == rows[-1]  # both written from the same dict (NaN is stored as null)
 
 
 def run_one(config: SimulateConfig, label: str, console: Console, skip_done: bool) -> Run:
@@ -131,12 +132,13 @@ def run_one(config: SimulateConfig, label: str, console: Console, skip_done: boo
     previous = previous_run(config, out) if skip_done else Previous("new")
     if previous.status == "done":
         console.print(f"{label}: finished earlier in {out} (same config), skipped")
-        return json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8")), read_rows(out)
+        return RunSummary.read(out / SUMMARY_FILE), read_rows(out)
     console.rule(f"[bold]{label}[/bold]")
     if previous.why:
         console.print(previous.why, markup=False)
-    summary = simulate(config, console=console, resume=previous.status == "resume")
-    return summary, read_rows(out)
+    simulate(config, console=console, resume=previous.status == "resume")
+    # Read back what the run wrote, as for a skipped run: the report sees the same summary either way.
+    return RunSummary.read(out / SUMMARY_FILE), read_rows(out)
 
 
 def compare(config: SimulateConfig, mixers: list[str], console: Console | None = None, *,
@@ -159,14 +161,14 @@ def compare(config: SimulateConfig, mixers: list[str], console: Console | None =
         runs[method, seed] = run_one(run_config, f"{method}, seed {seed} ({i}/{len(plan)})", console, skip_done)
     groups = [
         MethodRuns(
-            name=str(runs[method, seeds[0]][0].get("name", method)),
+            name=runs[method, seeds[0]][0].name,
             runs=tuple(runs[method, s] for s in seeds), seeds=tuple(seeds),
             run_dirs=tuple(run_dir(Path(), method, s, several).as_posix() for s in seeds),
         )
         for method in mixers
     ]
     report_groups(root, groups, console)
-    return [runs[method, s][0] for method in mixers for s in seeds]
+    return [runs[method, s][0].to_dict() for method in mixers for s in seeds]
 
 
 def report_groups(root: Path, groups: list[MethodRuns], console: Console) -> Path:

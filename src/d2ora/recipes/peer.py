@@ -26,10 +26,9 @@ from d2ora.distributed.group import DistributedSetupError, Group, agree, note_fa
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
 from d2ora.engine.exchange import Exchange, Routes
 from d2ora.engine.host import peer_block
-from d2ora.engine.share import message_numel
 from d2ora.engine.loop import LoopState
 from d2ora.recipes.process_run import describe_setup, run_rounds_and_report
-from d2ora.recipes.session import build_network, open_session, share_parts, wire_dtype
+from d2ora.recipes.session import build_network, open_session, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, load_identities, stored_nonce
 from d2ora.trust.envelope import ENVELOPE_BYTES
@@ -95,7 +94,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     shown = console if group.is_root else Console(quiet=True)  # one process speaks for the job
     describe_setup(session, shown)
     shown.print(f"{world} processes ({group.backend}); process 0 hosts {describe(0).split('(')[1].rstrip(')')}")
-    checkpointer = Checkpointer(rank_dir(output_dir, rank), host, config.result_config(), every=config.checkpoint_every,
+    checkpointer = Checkpointer(rank_dir(output_dir, rank), host.components(), config.result_config(), every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, warn=console.print)
     state, rows = LoopState(), []
     round_to_resume = _agreed_resume_round(group, checkpointer) if resume else None
@@ -109,7 +108,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         shutil.rmtree(checkpointer.directory, ignore_errors=True)
     routes = Routes(network.weights)
     trusted = config.trust != "off"
-    exchange: Exchange = DistributedExchange(routes, host.peer_ids, owner, group, message_numel(host.layout, config.share), host.layout.dtype,
+    exchange: Exchange = DistributedExchange(routes, host.peer_ids, owner, group, session.share.message_numel, host.layout.dtype,
                                              wire_dtype(config), attachment_bytes=ENVELOPE_BYTES if trusted else 0)
     trust = None
     if trusted:
@@ -120,9 +119,10 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=round_to_resume,
                          warn=lambda line: console.print(f"[yellow]process {rank}: {escape(line)}[/yellow]"))
         exchange = trust.wrap(exchange)
+        checkpointer.add("trust", trust)  # restored too when resuming
     elif round_to_resume is None and group.is_root:
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one
-    exchange = share_parts(config, host.layout, exchange)
+    exchange = session.share.wrap(exchange)
     return run_rounds_and_report(
         session, output_dir, exchange=exchange, collector=DistributedCollector(group, blocks, peers),
         checkpointer=checkpointer, state=state, rows=rows, resumed=round_to_resume is not None, console=shown,

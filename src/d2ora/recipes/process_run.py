@@ -17,7 +17,7 @@ from d2ora.config_io import to_yaml
 from d2ora.data.partition import format_label_table, label_counts
 from d2ora.engine.checkpoint import Checkpointer
 from d2ora.engine.exchange import Exchange, wire_itemsize
-from d2ora.engine.loop import Collector, LoopState, RoundLoop
+from d2ora.engine.loop import Collector, LoopState, RoundContext, RoundLoop, RunSettings
 from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.monitor import ConsensusMonitor
 from d2ora.engine.share import message_numel
@@ -25,6 +25,7 @@ from d2ora.engine.tensorboard_log import TensorBoardLog
 from d2ora.recipes.console_view import ConsoleView
 from d2ora.recipes.trust_run import LEDGER_DIR, TrustRun, folder_digests, rejection_summary
 from d2ora.recipes.session import Session, remove_stale_outputs, save_consensus, save_peer_adapters, wire_dtype
+from d2ora.report.model import RunSummary, TrustSummary
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -45,12 +46,13 @@ def describe_setup(session: Session, console: Console) -> None:
 
 
 def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, saved: dict[str, Any],
-                **extra: Any) -> dict[str, Any]:
-    """What summary.json holds (the report and ``d2ora compare`` read it)."""
+                **extra: Any) -> RunSummary:
+    """What summary.json holds (the report and ``d2ora compare`` read it), validated: a key of the
+    wrong type fails here, at the end of the run that made it, not in a later compare."""
     config, data = session.config, session.data
     layout = session.host.layout
     message_bytes = message_numel(layout, config.share) * wire_itemsize(layout.dtype, wire_dtype(config))
-    return {
+    return RunSummary.model_validate({
         "name": config.run_name, "mixer": "centralized" if config.centralized else config.mixer,
         "robust": config.robust, "share": config.share, "drift": config.drift, "prox_mu": config.prox_mu, "logit_adjust": config.logit_adjust, "attack": config.attack, "byzantine": config.byzantine, "method": config.method, "r": config.r, "model": config.model_name,
         "task": config.task, "metric": data.task.metric, "higher_is_better": data.task.higher_is_better, "peers": session.peers,
@@ -61,15 +63,15 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
         "final": rows[-1], "runtime_s": runtime_s, **saved,
         "trainable_params_per_peer": session.attach_report.trainable_params, "message_bytes": message_bytes,
         "wire_dtype": config.wire_dtype, **extra,
-    }
+    })
 
 
-def trust_summary(trust: TrustRun, rejections: torch.Tensor) -> dict[str, Any]:
+def trust_summary(trust: TrustRun, rejections: torch.Tensor) -> TrustSummary:
     """summary.json's trust section: the ledgers, the rejected messages per sender and check, and
     this process's signing, checking and ledger time (seconds)."""
-    return {"mode": trust.config.trust, "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
-            "rejected_total": int(rejections.sum()), "rejected_by_sender": rejection_summary(rejections),
-            "seconds": {k: round(v, 4) for k, v in trust.seconds.items()}}
+    return TrustSummary.model_validate({"mode": trust.config.trust, "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
+                                         "rejected_total": int(rejections.sum()), "rejected_by_sender": rejection_summary(rejections),
+                                         "seconds": {k: round(v, 4) for k, v in trust.seconds.items()}})
 
 
 def run_rounds_and_report(
@@ -110,13 +112,14 @@ def run_rounds_and_report(
         if checkpointer.due(loop_state.round, config.rounds):
             checkpointer.save(loop_state, log.rows if log is not None else None)
 
-    loop = RoundLoop(
-        host, exchange, collector, network.plan(config), rounds=config.rounds, eval_every=config.eval_every,
-        eval_peers=config.eval_peers, test_batches=session.test_batches, val_batches=session.val_batches,
+    settings = RunSettings(rounds=config.rounds, eval_every=config.eval_every, eval_peers=config.eval_peers, peers=session.peers)
+    loop = RoundLoop(RoundContext(
+        host=host, exchange=exchange, collector=collector, plan=session.plan, settings=settings,
+        test_batches=session.test_batches, val_batches=session.val_batches,
         monitor=ConsensusMonitor(host, network.mixer, session.test_batches, members=config.honest_peers) if monitor else None,
-        peers=session.peers, listeners=listeners, checkpoint=checkpoint, on_step=view.on_step,
+        listeners=listeners, checkpoint=checkpoint, on_step=view.on_step,
         after_round=None if trust is None else trust.after_round,
-    )
+    ))
     try:
         with view:
             state = loop.run(state)
@@ -142,10 +145,10 @@ def run_rounds_and_report(
         trust.close()
         summary_extra["trust"] = trust_summary(trust, rejections.reshape(session.peers, session.peers, -1))
     summary = run_summary(session, log.rows, time.perf_counter() - started, saved, **summary_extra)
-    atomic.write_json(output_dir / SUMMARY_FILE, summary)
+    summary.write(output_dir / SUMMARY_FILE)
     report_path = write_run_report(output_dir, summary, log.rows)
     console.print(results_table(summary, log.rows))
-    console.print(f"report: {report_path} ({summary['runtime_s']:.0f} s)")
+    console.print(f"report: {report_path} ({summary.runtime_s:.0f} s)")
     if board is not None:
         console.print(f"curves: tensorboard --logdir {output_dir}")
-    return summary
+    return summary.to_dict()  # a plain dict, as callers (and tests) index it

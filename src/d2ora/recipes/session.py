@@ -30,12 +30,10 @@ from d2ora.engine.exchange import WIRE_DTYPES
 from d2ora.engine.host import PeerHost
 from d2ora.engine.local_steps import LocalTrainer
 from d2ora.engine.peers import PeerModel
-from d2ora.engine.round import RoundPlan
+from d2ora.engine.round import RoundPlan, make_plan
 from d2ora.engine.drift import LocalCorrection
 from d2ora.engine.label_prior import log_prior_offsets
-from d2ora.engine.exchange import Exchange
-from d2ora.engine.layout import AdapterLayout
-from d2ora.engine.share import SharedPartsExchange, shared_mask
+from d2ora.engine.share import SharePolicy
 from d2ora.mixers import LocalMixer, Mixer, is_federated, make_mixer
 from d2ora.mixers.robust import check_neighbourhood, make_robust
 from d2ora.models import LoadedModel, head_modules, load_model
@@ -143,10 +141,6 @@ class Network:
     description: str
     spectral_gap: float
 
-    def plan(self, config: SimulateConfig) -> RoundPlan:
-        return RoundPlan(mixer=self.mixer, weights=self.weights, local_steps=config.local_steps,
-                         mixing_steps=self.mixing_steps, sequential=config.sequential, share=config.share)
-
 
 def build_network(config: SimulateConfig, shard_sizes: list[int]) -> Network:
     peers = len(shard_sizes)
@@ -191,11 +185,6 @@ def wire_dtype(config: SimulateConfig) -> torch.dtype | None:
     return WIRE_DTYPES[config.wire_dtype]
 
 
-def share_parts(config: SimulateConfig, layout: AdapterLayout, exchange: Exchange) -> Exchange:
-    """``exchange`` sending only the parts ``config.share`` names (itself for ``share: all``)."""
-    return exchange if config.share == "all" else SharedPartsExchange(exchange, shared_mask(layout, config.share))
-
-
 # ---------------------------------------------------------------------------------- the session
 def collated(rows: list[dict[str, Any]], collate: Any, size: int) -> list[Batch]:
     return [collate(rows[i : i + size]) for i in range(0, len(rows), size)]
@@ -214,6 +203,8 @@ class Session:
     device: torch.device
     test_batches: list[Batch]
     val_batches: list[list[Batch]]  # per hosted peer
+    share: SharePolicy  # what travels (decided once: messages, the exchange wrapper, the kept parts)
+    plan: RoundPlan  # what every round does
 
     @property
     def peers(self) -> int:
@@ -239,17 +230,18 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
     loaded.model.to(device)
     network = build_network(config, [len(s) for s in data.train_shards])
     collate = task.collator(loaded.tokenizer)
+    offsets = correction = None
+    if config.logit_adjust > 0:  # each hosted peer's own label prior, from its own training shard
+        offsets = log_prior_offsets([data.labels[data.train_shards[k]] for k in hosted], data.n_classes, config.logit_adjust)
+    if config.drift != "none" or config.prox_mu > 0:
+        correction = LocalCorrection(peer_model, config.drift, beta=config.drift_beta, prox_mu=config.prox_mu,
+                                     factors_replaced=network.mixer.factors_replaced)
     trainer = LocalTrainer(
         peer_model, task, collate, lr=config.lr, total_steps=config.total_steps,
         weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
         group_size=min(config.group_size(device), len(hosted)), base_dropout=config.base_dropout, device=device,
+        correction=correction, logit_offsets=offsets,
     )
-    if config.logit_adjust > 0:  # each hosted peer's own label prior, from its own training shard
-        trainer.logit_offsets = log_prior_offsets([data.labels[data.train_shards[k]] for k in hosted], data.n_classes,
-                                                  config.logit_adjust)
-    if config.drift != "none" or config.prox_mu > 0:
-        trainer.correction = LocalCorrection(peer_model, config.drift, beta=config.drift_beta, prox_mu=config.prox_mu,
-                                             factors_replaced=network.mixer.factors_replaced)
     host = PeerHost(
         hosted, peer_model, trainer, data.train_rows, [data.train_shards[k] for k in hosted], task, collate, device,
         batch_size=config.peer_batch_size, seed=config.seed, align_examples=config.dimat_examples,
@@ -257,7 +249,10 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
     )
     test_batches = collated(data.test.to_list(), collate, config.eval_batch_size)
     val_batches = [collated([data.train_rows[i] for i in data.val_shards[k]], collate, config.eval_batch_size) for k in hosted]
-    return Session(config, data, loaded, report, network, host, device, test_batches, val_batches)
+    share = SharePolicy(host.layout, config.share)
+    plan = make_plan(host, network.mixer, network.weights, local_steps=config.local_steps, mixing_steps=network.mixing_steps,
+                     share=share, hooks=[correction] if correction is not None else [], sequential=config.sequential)
+    return Session(config, data, loaded, report, network, host, device, test_batches, val_batches, share, plan)
 
 
 # ------------------------------------------------------------------------------------- outputs

@@ -30,12 +30,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from d2ora import atomic
-from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir, refuse_changed_config
+from d2ora.engine.checkpoint import CheckpointError, Checkpointer, check_format, rank_dir, refuse_changed_config
 from d2ora.engine.exchange import Exchange, InMemoryExchange, Routes
 from d2ora.engine.loop import LocalCollector, LoopState
 from d2ora.engine.round import DivergedError
 from d2ora.recipes.process_run import CONFIG_FILE, SUMMARY_FILE, describe_setup, run_rounds_and_report
-from d2ora.recipes.session import build_network, open_session, share_parts, wire_dtype
+from d2ora.recipes.session import build_network, open_session, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, load_identities, stored_nonce
 from d2ora.runtime_support import resolve_device, seed_everything
@@ -54,9 +54,12 @@ def check_resumable(config: SimulateConfig, output_dir: Path, rank: int = 0) -> 
         raise CheckpointError("trust: simulated signs with throwaway keys that are never stored, so its ledgers cannot be "
                               "continued: rerun it, or use trust: keys with key files (d2ora keygen)")
     try:
-        saved = json.loads(newest[-1].read_text(encoding="utf-8")).get("config") or {}
+        meta = json.loads(newest[-1].read_text(encoding="utf-8"))
+        saved = meta.get("config") or {}
     except (OSError, ValueError, AttributeError):
         return  # unreadable: the loader falls back to an older checkpoint or says what is wrong
+    if isinstance(meta.get("format"), int):  # another d2ora's format: say so, not how its config differs
+        check_format(meta, newest[-1].parent)
     refuse_changed_config(saved, config.result_config(), newest[-1].parent)
 
 
@@ -75,7 +78,7 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
     session = open_session(config, device, lambda peers: range(peers))
     describe_setup(session, console)
     host, network = session.host, session.network
-    checkpointer = Checkpointer(rank_dir(output_dir, 0), host, config.result_config(), every=config.checkpoint_every,
+    checkpointer = Checkpointer(rank_dir(output_dir, 0), host.components(), config.result_config(), every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, warn=console.print)
     state, rows = LoopState(), []
     if resume:
@@ -96,9 +99,10 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
         trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=state.round if resume else None,
                          warn=lambda line: console.print(f"[yellow]{escape(line)}[/yellow]"))
         exchange = trust.wrap(exchange)
+        checkpointer.add("trust", trust)  # restored too when resuming
     elif not resume:
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one
-    exchange = share_parts(config, host.layout, exchange)
+    exchange = session.share.wrap(exchange)
     return run_rounds_and_report(
         session, output_dir, exchange=exchange, collector=LocalCollector(), checkpointer=checkpointer, state=state,
         rows=rows, resumed=resume, console=console, started=started, trust=trust,

@@ -16,8 +16,9 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -32,6 +33,7 @@ from d2ora.trust.checks import CHECKS, MessageChecker, Verdict
 from d2ora.trust.envelope import payload_bytes, run_identity
 from d2ora.trust.identity import IdentityError, Member, Roster, load_private_key, load_roster, public_key_string
 from d2ora.trust.ledger import LEDGER_DIR, Ledger, Rejection, file_digests, ledger_path, write_roster
+from d2ora.trust.rejections import rejected_by_sender
 from d2ora.trust.signed_exchange import SignedExchange
 
 NONCE_BYTES = 16
@@ -125,20 +127,58 @@ class TrustRun:
             self.ledgers[peer] = ledger
         self.rejections = torch.zeros(len(host.peer_ids), routes.peers, len(CHECKS), dtype=torch.float64)
         self.seconds = {"sign": 0.0, "verify": 0.0, "ledger": 0.0}
+        self.adversary: Adversary | None = None
+        if config.attack not in ("none", "label_flip"):
+            self.adversary = Adversary(config.attack, frozenset(config.byzantine), self.routes, seed=config.seed,
+                                       scale=config.attack_scale)
         self.exchange: SignedExchange | None = None
 
     def wrap(self, inner: Exchange) -> SignedExchange:
         config = self.config
         checker = MessageChecker(self.roster, self.routes, self.run_id, message_numel(self.host.layout, config.share), self.wire_dtype,
                                  config.max_update_norm)
-        adversary = None
-        if config.attack not in ("none", "label_flip"):
-            adversary = Adversary(config.attack, frozenset(config.byzantine), self.routes, seed=config.seed,
-                                  scale=config.attack_scale)
         self.exchange = SignedExchange(inner, routes=self.routes, keys=self.keys, checker=checker, run_id=self.run_id,
                                        wire_dtype=self.wire_dtype, ledger_head=lambda peer: self.ledgers[peer].head,
-                                       adversary=adversary)
+                                       adversary=self.adversary)
         return self.exchange
+
+    # ------------------------------------------------------------------------------ checkpoints
+    # The ledgers are rewound to the checkpoint's round when the run is built (``resume_round``);
+    # what else outlives a round is the rejection counts and times summary.json reports for the
+    # whole run, and what the hosted Byzantine peers learnt in the last gossip step (the next
+    # round's crafted and replayed messages depend on it; d2ora.engine.state's convention).
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"rejections": self.rejections, "seconds": dict(self.seconds)}
+        if self.adversary is not None:
+            for receiver, known in self.adversary.knowledge.items():
+                state[f"knowledge.{receiver}"] = sorted(known)  # its senders, also when it accepted none
+                state.update({f"knowledge.{receiver}.{sender}": payload for sender, payload in known.items()})
+            for (sender, receiver), (envelope, payload) in self.adversary.last_sent.items():
+                state[f"last_sent.{sender}.{receiver}.envelope"] = torch.frombuffer(bytearray(envelope), dtype=torch.uint8) \
+                    if envelope else torch.zeros(0, dtype=torch.uint8)
+                state[f"last_sent.{sender}.{receiver}.payload"] = payload
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if tuple(state["rejections"].shape) != tuple(self.rejections.shape):
+            raise ValueError(f"rejection counts of shape {tuple(state['rejections'].shape)}, this process has "
+                             f"{tuple(self.rejections.shape)}")
+        self.rejections.copy_(state["rejections"])
+        self.seconds.update({k: float(v) for k, v in state["seconds"].items()})
+        if self.adversary is None:
+            return
+        knowledge: dict[int, dict[int, torch.Tensor]] = {}
+        last_sent: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if parts[0] == "knowledge" and len(parts) == 2:
+                receiver = int(parts[1])
+                knowledge[receiver] = {int(j): state[f"knowledge.{receiver}.{j}"].clone() for j in value}
+            elif parts[0] == "last_sent" and parts[3] == "envelope":
+                sender, receiver = int(parts[1]), int(parts[2])
+                payload = state[f"last_sent.{sender}.{receiver}.payload"].clone()
+                last_sent[(sender, receiver)] = (value.numpy().tobytes(), payload)
+        self.adversary.knowledge, self.adversary.last_sent = knowledge, last_sent
 
     def after_round(self, round_index: int) -> None:
         """One ledger block per hosted peer for the round just mixed."""
@@ -186,7 +226,8 @@ def _rejection(verdict: Verdict) -> Rejection:
 
 
 def rejection_summary(counts: torch.Tensor) -> dict[str, dict[str, int]]:
-    """``(P receivers, P senders, checks)`` counts -> {sender: {check: count}} for senders with any."""
+    """``(P receivers, P senders, checks)`` counts -> {sender: {check: count}} for senders with any:
+    summary.json's ``rejected_by_sender``, made by the summary the ledger audit gives too."""
     per_sender = counts.sum(0)
-    return {str(sender): {CHECKS[c]: int(per_sender[sender, c]) for c in range(len(CHECKS)) if per_sender[sender, c]}
-            for sender in range(per_sender.shape[0]) if per_sender[sender].sum() > 0}
+    return rejected_by_sender((sender, CHECKS[c], int(per_sender[sender, c]))
+                              for sender, c in per_sender.nonzero().tolist())
