@@ -38,15 +38,17 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dora_step import machine_info, write_json_atomic  # noqa: E402
 
+from d2ora.recipes.sections import nested  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "peers": 8, "topology": "ring", "mixer": "decaf", "r": 8, "rounds": args.rounds, "local_steps": args.local_steps,
-        "batch_size": args.batch_size, "max_length": args.max_length, "max_train_samples": 800, "max_test_samples": 40,
-        "eval_every": 1000, "eval_peers": False, "save_adapters": False, "save_merged": False, "tensorboard": False,
-        "device": args.device, "timeout_s": 600,
+        "network.peers": 8, "network.topology": "ring", "network.mixer": "decaf", "adapter.r": 8, "run.rounds": args.rounds, "run.local_steps": args.local_steps,
+        "optim.batch_size": args.batch_size, "data.max_length": args.max_length, "data.max_train_samples": 800, "data.max_test_samples": 40,
+        "run.eval_every": 1000, "run.eval_peers": False, "run.save_adapters": False, "run.save_merged": False, "run.tensorboard": False,
+        "run.device": args.device, "network.timeout_s": 600,
     }
 
 
@@ -110,7 +112,7 @@ def main() -> None:
     console = Console(width=160)
     args.work.mkdir(parents=True, exist_ok=True)
     config = args.work / "run.yaml"
-    config.write_text(yaml.safe_dump(run_config(args)))
+    config.write_text(yaml.safe_dump(nested(run_config(args))))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     rows = []
     for label, procs in [("simulate", None)] + [(f"{p} process(es)", int(p)) for p in args.procs.split(",")]:

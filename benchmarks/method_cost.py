@@ -43,28 +43,28 @@ HERE = Path(__file__).resolve().parent
 
 #: (label, config changes); the first is the reference every ratio is taken against.
 METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("decaf", {"mixer": "decaf"}),
-    ("d2ora", {"mixer": "d2ora"}),
-    ("dora_exact", {"mixer": "dora_exact"}),
-    ("fedavg", {"mixer": "fedavg"}),
-    ("fedavg_products", {"mixer": "fedavg_products"}),
-    ("fedavg_exact", {"mixer": "fedavg_exact"}),
-    ("decaf+qgm", {"mixer": "decaf", "drift": "qgm"}),
-    ("decaf+kgt", {"mixer": "decaf", "drift": "kgt"}),
-    ("d2ora+kgt", {"mixer": "d2ora", "drift": "kgt"}),
-    ("decaf+prox0.01", {"mixer": "decaf", "prox_mu": 0.01}),
-    ("decaf+logit_adjust", {"mixer": "decaf", "logit_adjust": 1.0}),
-    ("decaf, 4 gossip steps", {"mixer": "decaf", "mixing_steps": 4}),
-    ("d2ora, share direction", {"mixer": "d2ora", "share": "direction"}),
+    ("decaf", {"network.mixer": "decaf"}),
+    ("d2ora", {"network.mixer": "d2ora"}),
+    ("dora_exact", {"network.mixer": "dora_exact"}),
+    ("fedavg", {"network.mixer": "fedavg"}),
+    ("fedavg_products", {"network.mixer": "fedavg_products"}),
+    ("fedavg_exact", {"network.mixer": "fedavg_exact"}),
+    ("decaf+qgm", {"network.mixer": "decaf", "network.drift": "qgm"}),
+    ("decaf+kgt", {"network.mixer": "decaf", "network.drift": "kgt"}),
+    ("d2ora+kgt", {"network.mixer": "d2ora", "network.drift": "kgt"}),
+    ("decaf+prox0.01", {"network.mixer": "decaf", "network.prox_mu": 0.01}),
+    ("decaf+logit_adjust", {"network.mixer": "decaf", "network.logit_adjust": 1.0}),
+    ("decaf, 4 gossip steps", {"network.mixer": "decaf", "network.mixing_steps": 4}),
+    ("d2ora, share direction", {"network.mixer": "d2ora", "network.share": "direction"}),
 ]
 
 
 def run_config(args: argparse.Namespace, changes: dict[str, Any], out: Path) -> SimulateConfig:
-    return SimulateConfig(**{
-        "peers": 8, "topology": "ring", "r": 8, "rounds": args.rounds, "local_steps": args.local_steps,
-        "batch_size": 8, "max_length": 64, "max_train_samples": 800, "max_test_samples": 40, "eval_every": 1000,
-        "eval_peers": False, "save_merged": False, "save_adapters": False, "tensorboard": False,
-        "output_dir": out, **changes,
+    return SimulateConfig().updated({
+        "network.peers": 8, "network.topology": "ring", "adapter.r": 8, "run.rounds": args.rounds, "run.local_steps": args.local_steps,
+        "optim.batch_size": 8, "data.max_length": 64, "data.max_train_samples": 800, "data.max_test_samples": 40, "run.eval_every": 1000,
+        "run.eval_peers": False, "run.save_merged": False, "run.save_adapters": False, "run.tensorboard": False,
+        "run.output_dir": out, **changes,
     })
 
 

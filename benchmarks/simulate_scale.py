@@ -149,7 +149,7 @@ def auto_group_size(peers: int, batch: int, max_length: int, device: torch.devic
     """The simulator's own default, asked from SimulateConfig so this benchmark follows it if it changes."""
     from d2ora.recipes.simulate_config import SimulateConfig
 
-    config = SimulateConfig(peers=peers, batch_size=batch, max_length=max_length)
+    config = SimulateConfig().updated({"network.peers": peers, "optim.batch_size": batch, "data.max_length": max_length})
     return config.group_size(device)
 
 

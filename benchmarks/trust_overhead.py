@@ -43,11 +43,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def run_config(args: argparse.Namespace, trust: str, out: Path) -> SimulateConfig:
-    return SimulateConfig(
-        peers=8, topology="ring", mixer="decaf", r=8, rounds=args.rounds, local_steps=args.local_steps,
-        batch_size=8, max_length=64, max_train_samples=800, max_test_samples=40, eval_every=1000, eval_peers=False,
-        save_merged=False, tensorboard=False, trust=trust, output_dir=out,
-    )
+    return SimulateConfig().updated({
+        "network.peers": 8, "network.topology": "ring", "network.mixer": "decaf", "adapter.r": 8, "run.rounds": args.rounds,
+        "run.local_steps": args.local_steps, "optim.batch_size": 8, "data.max_length": 64, "data.max_train_samples": 800,
+        "data.max_test_samples": 40, "run.eval_every": 1000, "run.eval_peers": False, "run.save_merged": False,
+        "run.tensorboard": False, "trust.mode": trust, "run.output_dir": out,
+    })
 
 
 def end_to_end(args: argparse.Namespace, console: Console) -> dict[str, Any]:

@@ -7,20 +7,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 D2ORA=${D2ORA:-.venv/bin/d2ora}
 OUT=experiments/bbc_news
-COMMON=(--set rounds=4 --set local_steps=10 --set batch_size=16 --set lr=2e-3 --set max_length=64
-        --set max_test_samples=200 --set eval_every=2 --set save_adapters=false --set save_merged=false)
+COMMON=(--set run.rounds=4 --set run.local_steps=10 --set optim.batch_size=16 --set optim.lr=2e-3 --set data.max_length=64
+        --set data.max_test_samples=200 --set run.eval_every=2 --set run.save_adapters=false --set run.save_merged=false)
 
 for alpha in 0.5 0.1; do
   "$D2ORA" compare --mixers local,d2ora,decaf,dimat,fedavg,centralized "${COMMON[@]}" \
-    --set dirichlet_alpha=$alpha --set topology=ring -o "$OUT/alpha$alpha-ring"
+    --set data.dirichlet_alpha=$alpha --set network.topology=ring -o "$OUT/alpha$alpha-ring"
 done
 "$D2ORA" compare --mixers d2ora,decaf,dimat "${COMMON[@]}" \
-  --set dirichlet_alpha=0.5 --set topology=complete -o "$OUT/alpha0.5-complete"
+  --set data.dirichlet_alpha=0.5 --set network.topology=complete -o "$OUT/alpha0.5-complete"
 for spec in "dora 4" "lora 8" "lora 4"; do
   set -- $spec
-  "$D2ORA" simulate --mixer decaf "${COMMON[@]}" --set dirichlet_alpha=0.5 --set method=$1 --set r=$2 \
+  "$D2ORA" simulate --mixer decaf "${COMMON[@]}" --set data.dirichlet_alpha=0.5 --set adapter.use_dora=$([ "$1" = dora ] && echo true || echo false) --set adapter.r=$2 \
     -o "$OUT/alpha0.5-ring-decaf-$1-r$2"
 done
 # More gossip per round at strong skew: 4 mixing steps per round (4x the bytes of one).
-"$D2ORA" simulate --mixer decaf "${COMMON[@]}" --set dirichlet_alpha=0.1 --set mixing_steps=4 \
+"$D2ORA" simulate --mixer decaf "${COMMON[@]}" --set data.dirichlet_alpha=0.1 --set network.mixing_steps=4 \
   -o "$OUT/alpha0.1-ring-decaf-4gossip"

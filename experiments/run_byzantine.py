@@ -43,10 +43,10 @@ PROTOCOL = ("forged_signature", "missing_signature", "replay", "nan", "wrong_sha
 RULES = ("none", "trimmed_mean", "median", "krum", "multi_krum", "centered_clipping", "self_centered_clipping")
 POSITIONS = {0: [], 1: [3], 2: [3, 7], 3: [1, 4, 7]}
 BASE: dict[str, Any] = {
-    "peers": 10, "topology": "exponential", "mixer": "d2ora", "partition": "dirichlet", "dirichlet_alpha": 1.0,
-    "rounds": 4, "local_steps": 6, "batch_size": 8, "max_length": 64, "lr": 2e-3, "r": 8, "max_test_samples": 200,
-    "eval_every": 4, "save_adapters": False, "save_merged": False, "tensorboard": False, "checkpoint_every": 1000,
-    "trust": "simulated", "seed": 0,
+    "network.peers": 10, "network.topology": "exponential", "network.mixer": "d2ora", "data.partition": "dirichlet", "data.dirichlet_alpha": 1.0,
+    "run.rounds": 4, "run.local_steps": 6, "optim.batch_size": 8, "data.max_length": 64, "optim.lr": 2e-3, "adapter.r": 8, "data.max_test_samples": 200,
+    "run.eval_every": 4, "run.save_adapters": False, "run.save_merged": False, "run.tensorboard": False, "run.checkpoint_every": 1000,
+    "trust.mode": "simulated", "run.seed": 0,
 }
 
 
@@ -56,7 +56,7 @@ def name(f: int, attack: str, rule: str) -> str:
 
 def config_for(f: int, attack: str, rule: str) -> dict[str, Any]:
     byzantine = POSITIONS[f]
-    return {**BASE, "attack": attack if f else "none", "byzantine": byzantine, "robust": rule, "robust_f": max(f, 1)}
+    return {**BASE, "trust.attack": attack if f else "none", "trust.byzantine": byzantine, "trust.robust": rule, "trust.robust_f": max(f, 1)}
 
 
 def run_one(f: int, attack: str, rule: str) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def run_one(f: int, attack: str, rule: str) -> dict[str, Any]:
         return json.loads(done.read_text())
     started = time.perf_counter()
     # A repository-relative output_dir, so the committed config.yaml repeats the run from a checkout.
-    summary = simulate(SimulateConfig(**config_for(f, attack, rule), output_dir=folder.relative_to(REPO)),
+    summary = simulate(SimulateConfig().updated({**config_for(f, attack, rule), "run.output_dir": folder.relative_to(REPO)}),
                        console=Console(quiet=True))
     report = verify_run(folder)  # before the ledgers are dropped below
     summary["ledger_verify"] = {"ok": report.ok, "equivocations": [e.message for e in report.equivocations],

@@ -44,32 +44,32 @@ ALPHAS = (0.1, 0.5)
 SEEDS = (0, 1, 2)
 #: label -> config changes.
 METHODS: dict[str, dict[str, Any]] = {
-    "centralized": {"mixer": "centralized"},
-    "local": {"mixer": "local"},
-    "d2ora": {"mixer": "d2ora"},
-    "decaf": {"mixer": "decaf"},
-    "dora_exact": {"mixer": "dora_exact"},
-    "d2ora+qgm": {"mixer": "d2ora", "drift": "qgm"},
-    "d2ora+kgt": {"mixer": "d2ora", "drift": "kgt"},
-    "decaf+qgm": {"mixer": "decaf", "drift": "qgm"},
-    "decaf+kgt": {"mixer": "decaf", "drift": "kgt"},
-    "dora_exact+qgm": {"mixer": "dora_exact", "drift": "qgm"},
-    "dora_exact+kgt": {"mixer": "dora_exact", "drift": "kgt"},
+    "centralized": {"network.mixer": "centralized"},
+    "local": {"network.mixer": "local"},
+    "d2ora": {"network.mixer": "d2ora"},
+    "decaf": {"network.mixer": "decaf"},
+    "dora_exact": {"network.mixer": "dora_exact"},
+    "d2ora+qgm": {"network.mixer": "d2ora", "network.drift": "qgm"},
+    "d2ora+kgt": {"network.mixer": "d2ora", "network.drift": "kgt"},
+    "decaf+qgm": {"network.mixer": "decaf", "network.drift": "qgm"},
+    "decaf+kgt": {"network.mixer": "decaf", "network.drift": "kgt"},
+    "dora_exact+qgm": {"network.mixer": "dora_exact", "network.drift": "qgm"},
+    "dora_exact+kgt": {"network.mixer": "dora_exact", "network.drift": "kgt"},
     # More gossip per round (4x the bytes, the same samples): the communication-side remedy.
-    "decaf 4-gossip": {"mixer": "decaf", "mixing_steps": 4},
+    "decaf 4-gossip": {"network.mixer": "decaf", "network.mixing_steps": 4},
     # The local loss with each peer's label prior taken out (logit adjustment, τ = 1): no extra bytes.
-    "decaf+la": {"mixer": "decaf", "logit_adjust": 1.0},
-    "d2ora+la": {"mixer": "d2ora", "logit_adjust": 1.0},
-    "dora_exact+la": {"mixer": "dora_exact", "logit_adjust": 1.0},
-    "fedavg": {"mixer": "fedavg"},
-    "fedavg_products": {"mixer": "fedavg_products"},
-    "fedavg_exact": {"mixer": "fedavg_exact"},
-    "fedprox": {"mixer": "fedavg", "prox_mu": 0.01},
+    "decaf+la": {"network.mixer": "decaf", "network.logit_adjust": 1.0},
+    "d2ora+la": {"network.mixer": "d2ora", "network.logit_adjust": 1.0},
+    "dora_exact+la": {"network.mixer": "dora_exact", "network.logit_adjust": 1.0},
+    "fedavg": {"network.mixer": "fedavg"},
+    "fedavg_products": {"network.mixer": "fedavg_products"},
+    "fedavg_exact": {"network.mixer": "fedavg_exact"},
+    "fedprox": {"network.mixer": "fedavg", "network.prox_mu": 0.01},
 }
 PERSONAL: dict[str, dict[str, Any]] = {
-    "d2ora share direction": {"mixer": "d2ora", "share": "direction"},
-    "d2ora share magnitude": {"mixer": "d2ora", "share": "magnitude"},
-    "d2ora share lora_a": {"mixer": "d2ora", "share": "lora_a"},
+    "d2ora share direction": {"network.mixer": "d2ora", "network.share": "direction"},
+    "d2ora share magnitude": {"network.mixer": "d2ora", "network.share": "magnitude"},
+    "d2ora share lora_a": {"network.mixer": "d2ora", "network.share": "lora_a"},
 }
 #: What seeds 1 and 2 always repeat: the upper bound and today's best mixer; plus the BEST_AFTER
 #: decentralized methods with the highest seed-0 consensus accuracy at that α (the targets are
@@ -88,7 +88,7 @@ def repeated(alpha: float) -> list[str]:
 
 
 STUDY = Study(
-    title="BBC News", out=HERE / "label_skew", config={**BASE, "data": "bbc_news"}, methods=methods_for,
+    title="BBC News", out=HERE / "label_skew", config={**BASE, "data.source": "bbc_news"}, methods=methods_for,
     alphas=ALPHAS, seeds=SEEDS, repeat=repeated,
     setup_note="Setup: see [run_label_skew.py](../run_label_skew.py); 2,225 articles in 5 classes, the 334-article test split.",
 )

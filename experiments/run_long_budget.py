@@ -58,7 +58,7 @@ def long_budget(short: Study, second_seed_at: Sequence[float] = ()) -> Study:
     seeds = "seed 0" + (f" (and seed 1 at α = {', '.join(str(a) for a in second_seed_at)})" if second_seed_at else "")
     return dataclasses.replace(
         short, title=f"{short.title}, {ROUNDS} rounds", out=short.out.with_name(f"{short.out.name}_{ROUNDS}_rounds"),
-        config={**short.config, "rounds": ROUNDS, "eval_every": EVAL_EVERY},
+        config={**short.config, "run.rounds": ROUNDS, "run.eval_every": EVAL_EVERY},
         methods=methods_for, seeds=(0, 1) if second_seed_at else (0,), repeat=repeated,
         setup_note=f"[run_long_budget.py](../run_long_budget.py): {ROUNDS} rounds instead of 6, evaluated every "
                    f"{EVAL_EVERY} rounds, {seeds}; otherwise as in the short study. {short.setup_note}",

@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 D2ORA=${D2ORA:-.venv/bin/d2ora}
 "$D2ORA" compare --mixers local,decaf,centralized \
-  --set task=causal_lm --set peers=4 --set topology=ring --set partition=k_labels --set labels_per_peer=2 \
-  --set rounds=3 --set local_steps=5 --set batch_size=4 --set max_length=64 --set lr=1e-3 \
-  --set max_train_samples=600 --set max_test_samples=40 --set eval_batch_size=8 --set eval_every=3 \
-  --set save_adapters=false --set save_merged=false \
+  --set model.task=causal_lm --set network.peers=4 --set network.topology=ring --set data.partition=k_labels --set data.labels_per_peer=2 \
+  --set run.rounds=3 --set run.local_steps=5 --set optim.batch_size=4 --set data.max_length=64 --set optim.lr=1e-3 \
+  --set data.max_train_samples=600 --set data.max_test_samples=40 --set run.eval_batch_size=8 --set run.eval_every=3 \
+  --set run.save_adapters=false --set run.save_merged=false \
   -o experiments/smollm2_domains

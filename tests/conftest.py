@@ -71,3 +71,27 @@ def load_causal(path: str):
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach(), expected.detach()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def simulate_config(**flat):
+    """A SimulateConfig from flat keys (``mixer="dimat"``), each put in its section by the same table
+    that tells users where an old flat key moved (d2ora.recipes.sections.migrate_flat)."""
+    from d2ora.recipes.sections import migrate_flat
+    from d2ora.recipes.simulate_config import SimulateConfig
+
+    return SimulateConfig.model_validate(migrate_flat(SimulateConfig, flat))
+
+
+def train_config(**flat):
+    """A TrainConfig from flat keys, as :func:`simulate_config`."""
+    from d2ora.recipes.sections import migrate_flat
+    from d2ora.recipes.train import TrainConfig
+
+    return TrainConfig.model_validate(migrate_flat(TrainConfig, flat))
+
+
+def dotted(**flat) -> list[str]:
+    """``--set`` arguments for flat keys: ``dotted(mixer="local")`` -> ``["--set", "network.mixer=local"]``."""
+    from d2ora.recipes.simulate_config import SIMULATE_MOVED_KEYS
+
+    return sum((["--set", f"{SIMULATE_MOVED_KEYS[k]}={v}"] for k, v in flat.items()), [])

@@ -18,6 +18,7 @@ from d2ora.engine.host import PeerHost
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
+from tests.conftest import simulate_config
 
 TINY = {
     "peers": 4, "rounds": 3, "local_steps": 2, "batch_size": 2, "max_length": 24, "max_train_samples": 90,
@@ -29,7 +30,7 @@ TINY = {
 
 
 def config(out: Path, **changes) -> SimulateConfig:
-    return SimulateConfig(**{**TINY, "output_dir": out, **changes})
+    return simulate_config(**{**TINY, "output_dir": out, **changes})
 
 
 class Crash(RuntimeError):
@@ -156,7 +157,7 @@ def test_resume_refuses_a_changed_config_naming_the_keys(uninterrupted: Path, tm
 
     run = tmp_path / "run"
     shutil.copytree(uninterrupted, run)
-    with pytest.raises(CheckpointError, match=r"differs in local_steps, lr"):
+    with pytest.raises(CheckpointError, match=r"differs in optim.lr, run.local_steps"):
         simulate(config(run, lr=1e-3, local_steps=3), resume=True)
     simulate(config(run, eval_batch_size=5), resume=True)  # cannot change results: accepted
 
@@ -164,7 +165,7 @@ def test_resume_refuses_a_changed_config_naming_the_keys(uninterrupted: Path, tm
 def test_cli_resume_errors_are_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["simulate", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "nothing to resume" in result.output and "Traceback" not in result.output
-    (tmp_path / "config.yaml").write_text(f"peers: 4\noutput_dir: {tmp_path}\n")
+    (tmp_path / "config.yaml").write_text(f"network: {{peers: 4}}\nrun: {{output_dir: {tmp_path}}}\n")
     result = CliRunner().invoke(app, ["simulate", "--resume", str(tmp_path)])
     assert result.exit_code == 2 and "no checkpoints" in result.output and "Traceback" not in result.output
 

@@ -41,6 +41,7 @@ from d2ora.report.stats import (
     mean_curve,
     spread,
 )
+from tests.conftest import simulate_config
 
 # The tiny setup of tests/test_simulate.py (copied: each test file stands alone).
 TINY = {
@@ -51,7 +52,7 @@ N_TEST = 25
 
 
 def tiny_config(tmp_path: Path, **changes: Any) -> SimulateConfig:
-    return SimulateConfig(**{**TINY, "output_dir": tmp_path, **changes})
+    return simulate_config(**{**TINY, "output_dir": tmp_path, **changes})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,10 +277,10 @@ def test_one_seed_shows_no_plus_minus(tmp_path: Path) -> None:
 
 def fake_finished_run(config: SimulateConfig, accs: list[float | None]) -> None:
     """What a finished simulate leaves that compare reads: config.yaml, metrics.jsonl, summary.json."""
-    out = Path(config.output_dir)
+    out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [row(r, a) for r, a in enumerate(accs)]
-    mixer = "centralized" if config.centralized else config.mixer
+    mixer = "centralized" if config.centralized else config.network.mixer
     atomic.write_text(out / "config.yaml", to_yaml(config))
     atomic.write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     atomic.write_json(out / "summary.json", summary_of(config.run_name, mixer, rows))
@@ -313,9 +314,9 @@ def test_a_changed_or_unfinished_run_is_not_skipped(tmp_path: Path) -> None:
     fake_finished_run(config, DECAF_ACCS[0])
     assert previous_run(config, tmp_path / "decaf").status == "done"
     # A key that cannot change results (eval_batch_size) may differ; one that can (lr) may not.
-    assert previous_run(config.model_copy(update={"eval_batch_size": 3}), tmp_path / "decaf").status == "done"
-    changed = previous_run(config.model_copy(update={"lr": 1e-4}), tmp_path / "decaf")
-    assert changed.status == "new" and "differs in lr" in changed.why
+    assert previous_run(config.updated({"run.eval_batch_size": 3}), tmp_path / "decaf").status == "done"
+    changed = previous_run(config.updated({"optim.lr": 1e-4}), tmp_path / "decaf")
+    assert changed.status == "new" and "differs in optim.lr" in changed.why
     # An interrupted rerun: metrics rewritten up to round 2, the old summary still beside them.
     rows = read_rows(tmp_path / "decaf")[:3]
     atomic.write_text(tmp_path / "decaf" / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -325,7 +326,7 @@ def test_a_changed_or_unfinished_run_is_not_skipped(tmp_path: Path) -> None:
 def test_single_seed_keeps_the_flat_layout(tmp_path: Path) -> None:
     assert run_dir(tmp_path, "decaf", 3, several_seeds=False) == tmp_path / "decaf"
     assert run_dir(tmp_path, "decaf", 3, several_seeds=True) == tmp_path / "decaf" / "seed-3"
-    assert method_config(tiny_config(tmp_path), "centralized", 7, tmp_path / "c").seed == 7
+    assert method_config(tiny_config(tmp_path), "centralized", 7, tmp_path / "c").run.seed == 7
 
 
 # ---------------------------------------------------------------------------------------------

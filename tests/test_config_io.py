@@ -122,18 +122,19 @@ def test_to_yaml_round_trips(tmp_path: Path) -> None:
 
 
 def test_train_config_overrides_and_errors() -> None:
-    cfg = load_config(TrainConfig, None, ["lr=1e-4", "target_modules=[query,value]", "method=lora", "max_steps=3"])
-    assert cfg.lr == 1e-4 and cfg.target_modules == ["query", "value"] and cfg.method == "lora"
-    assert cfg.dora_config(["classifier"]).use_dora is False
-    with pytest.raises(ConfigError, match="method .*'dora' or 'lora'"):
-        load_config(TrainConfig, None, ["method=qlora"])
+    cfg = load_config(TrainConfig, None, ["optim.lr=1e-4", "adapter.target_modules=[query,value]", "adapter.use_dora=false",
+                                          "run.max_steps=3"])
+    assert cfg.optim.lr == 1e-4 and cfg.adapter.target_modules == ["query", "value"] and cfg.adapter.use_dora is False
+    assert cfg.run.max_steps == 3
+    with pytest.raises(ConfigError, match="adapter.use_dora .*valid boolean"):
+        load_config(TrainConfig, None, ["adapter.use_dora=qlora"])
     with pytest.raises(ConfigError, match="leaves no training data"):
-        load_config(TrainConfig, None, ["val_fraction=0.5", "test_fraction=0.5"])
-    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
-        load_config(TrainConfig, None, ["learning_rate=1"])
+        load_config(TrainConfig, None, ["data.val_fraction=0.5", "data.test_fraction=0.5"])
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
+        load_config(TrainConfig, None, ["optim.learning_rate=1"])
     with pytest.raises(ConfigError, match="device .*not a torch device"):
-        load_config(TrainConfig, None, ["device=gpu0"])
-    assert load_config(TrainConfig, None, ["device=cpu"]).device == "cpu"
+        load_config(TrainConfig, None, ["run.device=gpu0"])
+    assert load_config(TrainConfig, None, ["run.device=cpu"]).run.device == "cpu"
 
 
 def test_shipped_default_yaml_equals_train_config_defaults() -> None:
@@ -141,13 +142,19 @@ def test_shipped_default_yaml_equals_train_config_defaults() -> None:
 
 
 def test_every_train_config_field_is_documented() -> None:
-    missing = [name for name, f in TrainConfig.model_fields.items() if not f.description]
-    assert not missing
+    from d2ora.recipes.simulate_config import SimulateConfig
+
+    for config_cls in (TrainConfig, SimulateConfig):
+        for name, field in config_cls.model_fields.items():
+            assert field.description, name
+            section = field.annotation
+            missing = [f"{name}.{key}" for key, f in section.model_fields.items() if not f.description]
+            assert not missing
 
 
 def test_a_bare_off_for_trust_is_the_mode_not_a_boolean() -> None:
-    """YAML 1.1 reads `off` as false; `--set trust=off` and the shipped default file must still work."""
+    """YAML 1.1 reads `off` as false; `--set trust.mode=off` and the shipped default file must still work."""
     from d2ora.recipes.simulate_config import SimulateConfig
 
-    assert load_config(SimulateConfig, None, ["trust=off"]).trust == "off"
-    assert load_config(SimulateConfig, None, ["trust=simulated"]).trust == "simulated"
+    assert load_config(SimulateConfig, None, ["trust.mode=off"]).trust.mode == "off"
+    assert load_config(SimulateConfig, None, ["trust.mode=simulated"]).trust.mode == "simulated"

@@ -27,8 +27,9 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.peer import torchrun_command
 from d2ora.recipes.simulate import simulate
+from d2ora.recipes.sections import migrate_flat
 from d2ora.recipes.simulate_config import SimulateConfig
-from tests.conftest import minilm_path
+from tests.conftest import minilm_path, simulate_config
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,9 @@ def base_config(model: str, **changes) -> dict:
 
 
 def write_config(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in data.items()}))
+    """``data`` (flat keys, as the tests write them) as a sectioned YAML file."""
+    flat = {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+    path.write_text(yaml.safe_dump(migrate_flat(SimulateConfig, flat)))
     return path
 
 
@@ -134,7 +137,7 @@ def test_processes_end_with_the_simulators_adapters_and_metrics(tiny_bert_dir: s
                                                                  changes: dict) -> None:
     data = base_config(tiny_bert_dir, **changes)
     reference = tmp_path / "simulated"
-    simulate(SimulateConfig(**{**data, "output_dir": reference}))
+    simulate(simulate_config(**{**data, "output_dir": reference}))
     out = tmp_path / "processes"
     output = finish(run_torchrun(procs, write_config(tmp_path / "run.yaml", data), out))
     assert "report:" in output, output[-3000:]
@@ -181,7 +184,7 @@ def test_signed_processes_reject_forgeries_and_their_ledgers_verify(tiny_bert_di
     data = base_config(tiny_bert_dir, mixer="decaf", trust="keys", roster=tmp_path / "roster.yaml", keys_dir=keys,
                        attack="forged_signature", byzantine=[1])
     reference = tmp_path / "simulated"
-    simulate(SimulateConfig(**{**data, "output_dir": reference}))
+    simulate(simulate_config(**{**data, "output_dir": reference}))
     out = tmp_path / "processes"
     config = write_config(tmp_path / "run.yaml", data)
     outputs = [finish(p) for p in spawn([config] * 4, out)]

@@ -20,6 +20,7 @@ from d2ora.engine.metrics_log import read_rows
 from d2ora.engine.peers import PeerModel
 from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
+from tests.conftest import simulate_config
 
 PEERS = 3
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
@@ -210,7 +211,7 @@ def test_bad_correction_settings(tiny_dir: str) -> None:
 ])
 def test_config_refuses_undefined_combinations(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        SimulateConfig(**changes)
+        simulate_config(**changes)
 
 
 TINY = {
@@ -223,14 +224,14 @@ TINY = {
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("plain")
-    simulate(SimulateConfig(**TINY, output_dir=out))
+    simulate(simulate_config(**TINY, output_dir=out))
     return out
 
 
 def test_kgt_doubles_the_bytes_and_its_corrections_sum_to_zero(plain_run: Path, tmp_path: Path) -> None:
     """Gradient tracking's invariant: with a doubly stochastic W (Metropolis–Hastings on a ring),
     Σ_i c_i stays 0, since Σ_i (Σ_j w_ij Δ_j − Δ_i) = 0."""
-    summary = simulate(SimulateConfig(**TINY, drift="kgt", output_dir=tmp_path))
+    summary = simulate(simulate_config(**TINY, drift="kgt", output_dir=tmp_path))
     plain, kgt = read_rows(plain_run), read_rows(tmp_path)
     assert kgt[1]["train_loss"] == plain[1]["train_loss"]  # c = 0 in round 1
     assert kgt[2]["train_loss"] != plain[2]["train_loss"]  # then it corrects
@@ -242,7 +243,7 @@ def test_kgt_doubles_the_bytes_and_its_corrections_sum_to_zero(plain_run: Path, 
 
 
 def test_qgm_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    straight = simulate(SimulateConfig(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "straight"))
+    straight = simulate(simulate_config(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "straight"))
     original = PeerHost.local_step
     count = {"n": 0}
 
@@ -254,9 +255,9 @@ def test_qgm_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(PeerHost, "local_step", failing)
     with pytest.raises(RuntimeError, match="power cut"):
-        simulate(SimulateConfig(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "resumed"))
+        simulate(simulate_config(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "resumed"))
     monkeypatch.setattr(PeerHost, "local_step", original)
-    resumed = simulate(SimulateConfig(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "resumed"), resume=True)
+    resumed = simulate(simulate_config(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "resumed"), resume=True)
     assert resumed["final"]["consensus_test"] == straight["final"]["consensus_test"]
     assert resumed["final"]["train_loss"] == straight["final"]["train_loss"]
     assert resumed["final"]["consensus_distance"] == straight["final"]["consensus_distance"]

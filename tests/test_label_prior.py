@@ -19,6 +19,7 @@ from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.session import open_session
 from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
+from tests.conftest import simulate_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,11 +76,11 @@ TINY = {
 
 
 def test_each_hosted_peer_trains_with_its_own_shard_prior() -> None:
-    config = SimulateConfig(**TINY, logit_adjust=1.0)
+    config = simulate_config(**TINY, logit_adjust=1.0)
     session = open_session(config, torch.device("cpu"), block=lambda peers: range(1, peers))  # peers 1..3 here
     offsets = session.host.trainer.logit_offsets
     assert offsets is not None and offsets.shape == (3, session.data.n_classes)
-    for row, peer in enumerate(range(1, config.peers)):
+    for row, peer in enumerate(range(1, config.network.peers)):
         counts = Counter(session.data.train_rows[i]["labels"] for i in session.data.train_shards[peer])
         total = sum(counts.values())
         for c in range(session.data.n_classes):
@@ -88,17 +89,17 @@ def test_each_hosted_peer_trains_with_its_own_shard_prior() -> None:
 
 
 def test_adjusted_run_trains_differently_and_is_named(tmp_path: Path) -> None:
-    plain = simulate(SimulateConfig(**TINY, output_dir=tmp_path / "plain"))
-    adjusted = simulate(SimulateConfig(**TINY, logit_adjust=1.0, output_dir=tmp_path / "adjusted"))
+    plain = simulate(simulate_config(**TINY, output_dir=tmp_path / "plain"))
+    adjusted = simulate(simulate_config(**TINY, logit_adjust=1.0, output_dir=tmp_path / "adjusted"))
     assert adjusted["name"] == "decaf+la1" and adjusted["logit_adjust"] == 1.0 and plain["logit_adjust"] == 0.0
     assert read_rows(tmp_path / "adjusted")[1]["train_loss"] != read_rows(tmp_path / "plain")[1]["train_loss"]
 
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"logit_adjust": 1.0, "mixer": "centralized"}, "mode centralized"),
-    ({"logit_adjust": 1.0, "task": "causal_lm", "partition": "iid"}, "needs task classification"),
+    ({"logit_adjust": 1.0, "task": "causal_lm", "partition": "iid"}, "needs model.task classification"),
     ({"logit_adjust": -0.5}, "logit_adjust"),
 ])
 def test_config_refuses_logit_adjustment_where_undefined(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        SimulateConfig(**changes)
+        simulate_config(**changes)

@@ -15,6 +15,7 @@ from d2ora.engine.share import SharedPartsExchange, message_numel, shared_mask
 from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.topology import build_topology, mixing_matrix
+from tests.conftest import simulate_config
 
 LAYOUT = AdapterLayout.build(
     [("q", "lora_A", "lora_A", (2, 5)), ("q", "lora_B", "lora_B", (4, 2)), ("q", "lora_magnitude_vector", "lora_magnitude_vector", (4,)),
@@ -49,7 +50,7 @@ def test_exchange_sends_the_shared_entries_and_completes_with_the_receivers_own(
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"share": "direction", "mixer": "dora_exact"}, "needs share: all"),
+    ({"share": "direction", "mixer": "dora_exact"}, "needs network.share: all"),
     ({"share": "lora_a", "mixer": "decaf"}, "re-bases"),
     ({"share": "magnitude", "mixer": "d2ora", "method": "lora"}, "has none"),
     ({"share": "direction", "mixer": "local"}, "send nothing"),
@@ -57,7 +58,7 @@ def test_exchange_sends_the_shared_entries_and_completes_with_the_receivers_own(
 ])
 def test_config_refuses_undefined_splits(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        SimulateConfig(**changes)
+        simulate_config(**changes)
 
 
 TINY = {
@@ -74,7 +75,7 @@ def peer_tensors(out: Path, peer: int) -> dict[str, torch.Tensor]:
 def test_fedavg_sharing_the_direction_agrees_on_b_a_and_head_and_keeps_each_magnitude(tmp_path: Path) -> None:
     """FedAvg with share: direction, signed: after one round every peer holds the server's B, A and
     head, each keeps its own m; messages carry the shared entries only and all pass the checks."""
-    summary = simulate(SimulateConfig(**TINY, mixer="fedavg", share="direction", trust="simulated", output_dir=tmp_path))
+    summary = simulate(simulate_config(**TINY, mixer="fedavg", share="direction", trust="simulated", output_dir=tmp_path))
     assert summary["trust"]["rejected_total"] == 0
     peers = [peer_tensors(tmp_path, p) for p in range(4)]
     magnitude = [k for k in peers[0] if "magnitude" in k]

@@ -26,7 +26,7 @@ from d2ora.recipes.compare import compare, parse_mixers
 from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.topology import mixing_matrix, ring
-from tests.conftest import load_minilm_classifier, minilm_path, relative_error
+from tests.conftest import dotted, load_minilm_classifier, minilm_path, relative_error, simulate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ TINY = {
 
 
 def tiny_config(tmp_path: Path, **changes) -> SimulateConfig:
-    return SimulateConfig(**{**TINY, "output_dir": tmp_path, **changes})
+    return simulate_config(**{**TINY, "output_dir": tmp_path, **changes})
 
 
 def _logits(model, texts: list[str]) -> torch.Tensor:
@@ -142,9 +142,9 @@ def test_compare_runs_every_mixer_on_the_same_partition(tmp_path: Path) -> None:
 
 def test_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="mixer"):
-        load_config(SimulateConfig, None, ["mixer=gossipy"])
+        load_config(SimulateConfig, None, ["network.mixer=gossipy"])
     with pytest.raises(ConfigError, match="peer_group_size"):
-        load_config(SimulateConfig, None, ["peers=2", "peer_group_size=4"])
+        load_config(SimulateConfig, None, ["network.peers=2", "run.peer_group_size=4"])
     with pytest.raises(ValueError, match="unknown mixer"):
         parse_mixers("local,nope")
 
@@ -156,8 +156,8 @@ def test_default_config_file_equals_the_defaults() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "topology=torus", "--set", "peers=7"], "torus"),
-        (["--set", "dirichlet_alpha=-1"], "dirichlet_alpha"),
+        (["--set", "network.topology=torus", "--set", "network.peers=7"], "torus"),
+        (["--set", "data.dirichlet_alpha=-1"], "dirichlet_alpha"),
         (["--mixer", "nope"], "unknown mixer"),
     ],
 )
@@ -186,8 +186,8 @@ def _run(tmp_path: Path, **changes) -> Path:
 
 
 def test_a_diverging_peer_stops_the_run_with_one_line_and_keeps_the_logged_rounds(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, ["simulate", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
-                                      "--set", "lr=1e12", "--set", "max_grad_norm=null", "--set", "mixer=local",
+    result = CliRunner().invoke(app, ["simulate", *dotted(**TINY),
+                                      "--set", "optim.lr=1e12", "--set", "optim.max_grad_norm=null", "--set", "network.mixer=local",
                                       "-o", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert "diverged" in result.output and "Traceback" not in result.output

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from d2ora.config_io import load_config
 from d2ora.recipes.train import TrainConfig, train
+from tests.conftest import train_config
 
 ADAPTER_FILES = {"adapter_model.safetensors", "adapter_config.json"}
 
@@ -67,7 +68,7 @@ def tiny_config(model: str, out: Path, **kw) -> TrainConfig:
         "max_train_samples": None, "max_eval_samples": None, "output_dir": out, "device": "cpu", "r": 4,
     }
     base.update(kw)
-    return TrainConfig(**base)
+    return train_config(**base)
 
 
 # ------------------------------------------------------------------------------------- tiny models
@@ -122,11 +123,12 @@ def _cli(args: list[str]):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--set", "lr=abc"], "lr (from the command line)"),
-        (["--set", "learning_rate=1"], "unknown key 'learning_rate'"),
+        (["--set", "optim.lr=abc"], "lr (from the command line)"),
+        (["--set", "optim.learning_rate=1"], "unknown key 'optim.learning_rate'"),
+        (["--set", "lr=1"], "'lr' moved into a section: use optim.lr"),
         (["--method", "qlora"], "method"),
         (["--config", "/nonexistent/d2ora.yaml"], "config file not found"),
-        (["--set", "data=/nonexistent/data.csv"], "data file not found"),
+        (["--set", "data.source=/nonexistent/data.csv"], "data file not found"),
         (["--set", "lr"], "must look like key=value"),
     ],
 )
@@ -140,10 +142,10 @@ def test_cli_user_errors_exit_2_with_one_line(args: list[str], needle: str) -> N
 
 
 def test_cli_missing_model_exits_2(tmp_path: Path) -> None:
-    result = _cli(["--set", f"data={tmp_path / 'd.csv'}", "--set", "model=/nonexistent/model"])
+    result = _cli(["--set", f"data.source={tmp_path / 'd.csv'}", "--set", "model.name=/nonexistent/model"])
     assert result.exit_code == 2  # the data error comes first: nothing loads a model for a bad source
     (tmp_path / "d.csv").write_text("text,label\na,x\nb,y\nc,x\nd,y\ne,x\nf,y\ng,x\nh,y\n", encoding="utf-8")
-    result = _cli(["--set", f"data={tmp_path / 'd.csv'}", "--set", "model=/nonexistent/model",
+    result = _cli(["--set", f"data.source={tmp_path / 'd.csv'}", "--set", "model.name=/nonexistent/model",
                    "--output-dir", str(tmp_path / "out")])
     assert result.exit_code == 2 and "model not found: /nonexistent/model" in result.output
 
@@ -168,7 +170,7 @@ def test_cli_unwritable_output_dir_exits_2_with_one_line(tmp_path: Path) -> None
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        result = _cli(["--set", f"data={_tiny_csv(tmp_path)}", "--output-dir", str(locked / "run")])
+        result = _cli(["--set", f"data.source={_tiny_csv(tmp_path)}", "--output-dir", str(locked / "run")])
         _assert_one_error_line(result, str(locked / "run"), "Permission denied")
     finally:
         locked.chmod(0o700)
@@ -178,7 +180,7 @@ def test_cli_unwritable_output_dir_exits_2_with_one_line(tmp_path: Path) -> None
 def test_cli_output_dir_blocked_by_a_file_exits_2_with_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "results"
     blocker.write_text("a file, not a folder", encoding="utf-8")
-    result = _cli(["--set", f"data={_tiny_csv(tmp_path)}", "--output-dir", str(blocker / "run")])
+    result = _cli(["--set", f"data.source={_tiny_csv(tmp_path)}", "--output-dir", str(blocker / "run")])
     _assert_one_error_line(result, str(blocker / "run"), f"'{blocker}' is a file")
     assert blocker.read_text(encoding="utf-8") == "a file, not a folder"
 
@@ -188,12 +190,12 @@ def test_cli_runs_a_tiny_model(tiny_llama_with_tokenizer: str, tmp_path: Path) -
     d = topic_data(60)
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(d["text"], d["label"])))
     result = _cli([
-        "--set", f"model={tiny_llama_with_tokenizer}", "--set", f"data={data}", "--set", "epochs=1",
-        "--set", "max_length=16", "--set", "device=cpu", "--method", "lora", "--output-dir", str(tmp_path / "out"),
+        "--set", f"model.name={tiny_llama_with_tokenizer}", "--set", f"data.source={data}", "--set", "run.epochs=1",
+        "--set", "data.max_length=16", "--set", "run.device=cpu", "--method", "lora", "--output-dir", str(tmp_path / "out"),
     ])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["finished"] and metrics["config"]["method"] == "lora"
+    assert metrics["finished"] and metrics["config"]["adapter"]["use_dora"] is False and metrics["attach"]["method"] == "lora"
     assert "LORA on" in result.output and "test: accuracy" in result.output
 
 
@@ -232,7 +234,7 @@ def test_minilm_on_bbc_news_beats_the_untrained_model(tmp_path: Path) -> None:
     from d2ora.models import load_model
     from d2ora.recipes.train import prepare_splits
 
-    cfg = TrainConfig(
+    cfg = train_config(
         max_train_samples=160, max_eval_samples=100, max_length=64, epochs=2, batch_size=8, output_dir=tmp_path,
         device="cpu",
     )
@@ -254,6 +256,6 @@ def test_minilm_on_bbc_news_beats_the_untrained_model(tmp_path: Path) -> None:
     task = make_task("classification", splits["train"])
     loaded = load_model("minilm", "classification", label_names=task.label_names, seed=999)  # a different head
     load_adapter(loaded.model, tmp_path / "adapter")
-    test = task.tokenize(splits["test"], loaded.tokenizer, cfg.max_length)
+    test = task.tokenize(splits["test"], loaded.tokenizer, cfg.data.max_length)
     loader = DataLoader(test, batch_size=64, collate_fn=task.collator(loaded.tokenizer))
     assert task.evaluate(loaded.model, loader)["accuracy"] == pytest.approx(result["test"]["accuracy"])

@@ -109,15 +109,15 @@ def test_robust_rule_and_model_attack_run_and_record_honest_consensus(tmp_path: 
 def test_bad_trust_configs_are_one_line(tmp_path: Path) -> None:
     runner = CliRunner()
     cases = [
-        (["--set", "attack=alie"], "needs byzantine peers"),
-        (["--set", "attack=alie", "--set", "byzantine=[1]"], "set trust: simulated"),
-        (["--set", "trust=keys"], "needs 'roster'"),
-        (["--set", "robust=krum"], "k=3 (ring) tolerates at most f=0"),
-        (["--set", "robust=median", "--set", "mixer=decaf"], "coordinate-wise"),
-        (["--set", "attack=bogus", "--set", "byzantine=[1]"], "unknown attack"),
+        (["--set", "trust.attack=alie"], "needs byzantine peers"),
+        (["--set", "trust.attack=alie", "--set", "trust.byzantine=[1]"], "set trust.mode: simulated"),
+        (["--set", "trust.mode=keys"], "needs trust.roster"),
+        (["--set", "trust.robust=krum"], "k=3 (ring) tolerates at most f=0"),
+        (["--set", "trust.robust=median", "--set", "network.mixer=decaf"], "coordinate-wise"),
+        (["--set", "trust.attack=bogus", "--set", "trust.byzantine=[1]"], "unknown attack"),
     ]
     for args, message in cases:
-        result = runner.invoke(app, ["simulate", "--set", f"output_dir={tmp_path}", "--set", "peers=4", *args])
+        result = runner.invoke(app, ["simulate", "--set", f"run.output_dir={tmp_path}", "--set", "network.peers=4", *args])
         assert result.exit_code != 0, args
         assert message in result.output, (args, result.output)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from d2ora.commands import analyze, keygen, ledger, peer, simulate, train
+from d2ora.commands import analyze, config, keygen, ledger, peer, simulate, train
 
 app = typer.Typer(
     name="d2ora",
@@ -19,6 +19,7 @@ peer.register(app)
 keygen.register(app)
 analyze.register(app)
 ledger.register(app)
+config.register(app)
 
 
 if __name__ == "__main__":

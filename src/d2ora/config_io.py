@@ -1,12 +1,14 @@
 """Config files for every command: a YAML file, then ``--set key=value`` overrides, into a pydantic model.
 
-``load_config(TrainConfig, "run.yaml", ["lr=1e-4", "target_modules=[query,value]"])``:
+``load_config(TrainConfig, "run.yaml", ["optim.lr=1e-4", "adapter.target_modules=[query,value]"])``:
 
 - the YAML file is read with a safe loader (no Python objects) and must be a mapping;
-- each override is ``key=value`` with a dotted key for nested models (``dora.r=4``); the value is
+- each override is ``key=value`` with a dotted key for nested models (``adapter.r=4``); the value is
   parsed as YAML, so ``1e-4`` is a float, ``[query,value]`` a list, ``null`` None, ``true`` a bool;
 - every problem becomes one :class:`ConfigError` naming the key (and where it came from); unknown
-  keys are rejected (models should set ``extra="forbid"``) with a close-spelling hint.
+  keys are rejected (models should set ``extra="forbid"``) with a close-spelling hint; a model with
+  a ``moved_problems(data)`` class method (d2ora.recipes.sections.SectionedConfig) names the new
+  place of each key of an older format instead.
 """
 
 from __future__ import annotations
@@ -147,11 +149,16 @@ def load_config(
     for key, value in (updates or {}).items():
         set_dotted(data, key, value)
         from_set.add(key)
+    source = f" ({yaml_path})" if yaml_path is not None else ""
+    moved = getattr(model_cls, "moved_problems", None)  # sectioned configs: keys of the old flat format
+    if moved is not None:
+        lines = [f"{line} (from the command line)" if key in from_set else line for key, line in moved(data).items()]
+        if lines:
+            raise ConfigError(f"invalid config{source}: " + "; ".join(lines), lines)
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         problems = validation_problems(exc, model_cls, from_set)
-        source = f" ({yaml_path})" if yaml_path is not None else ""
         raise ConfigError(f"invalid config{source}: " + "; ".join(problems), problems) from None
 
 

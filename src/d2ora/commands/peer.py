@@ -38,7 +38,7 @@ def peer(
     """
     from d2ora.recipes.peer import run_peer
 
-    updates: dict[str, Any] = {} if output_dir is None else {"output_dir": str(output_dir)}
+    updates: dict[str, Any] = {} if output_dir is None else {"run.output_dir": str(output_dir)}
     try:
         run_peer(load_run_config(config, set_, updates, resume), console=console_for_logs(), resume=resume is not None)
     except user_errors() as exc:
@@ -66,7 +66,7 @@ def launch(
     if resume is not None:
         args += ["--resume", str(resume)]
     try:
-        load_run_config(config, set_, {} if output_dir is None else {"output_dir": str(output_dir)}, resume)  # fail fast, before torchrun
+        load_run_config(config, set_, {} if output_dir is None else {"run.output_dir": str(output_dir)}, resume)  # fail fast, before torchrun
     except user_errors() as exc:
         raise fail(str(exc)) from None
     command = torchrun_command(procs, args, max_restarts)

@@ -9,20 +9,24 @@ import typer
 from rich.console import Console
 
 from d2ora.commands._errors import USER_ERRORS, fail
-from d2ora.config_io import ConfigError, load_config
+from d2ora.config_io import ConfigError, load_config, to_yaml
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML file of SimulateConfig keys (see configs/simulate_default.yaml).", show_default=False),
+    typer.Option("--config", "-c", help="YAML file of SimulateConfig sections (see configs/simulate_default.yaml).", show_default=False),
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override one key: key=value (YAML value). Repeatable.", show_default=False),
+    typer.Option("--set", "-s", help="Override one key: section.key=value (YAML value), e.g. network.mixer=dimat. Repeatable.", show_default=False),
 ]
 OutputOption = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Report folder.", show_default=False)]
 ResumeOption = Annotated[
     Path | None,
     typer.Option("--resume", help="Continue the run in this folder from its newest complete checkpoint (its config.yaml; --set may change only keys that cannot change results).", show_default=False),
+]
+
+PrintConfigOption = Annotated[
+    bool, typer.Option("--print-config", help="Print the resolved config (defaults, --config, --set) as YAML and exit.")
 ]
 
 
@@ -60,7 +64,7 @@ def load_run_config(config: Path | None, set_: list[str] | None, updates: dict[s
         saved = Path(resume) / CONFIG_FILE
         if not saved.is_file():
             raise ConfigError(f"nothing to resume in {resume}: it has no {CONFIG_FILE}")
-        config, updates = saved, {**updates, "output_dir": str(resume)}
+        config, updates = saved, {**updates, "run.output_dir": str(resume)}
     return load_config(SimulateConfig, config, set_ or [], updates=updates)
 
 
@@ -70,6 +74,7 @@ def simulate(
     mixer: Annotated[str | None, typer.Option("--mixer", help="local, d2ora, decaf, dora_exact, dimat, fedavg, fedavg_products, fedavg_exact or centralized.", show_default=False)] = None,
     output_dir: OutputOption = None,
     resume: ResumeOption = None,
+    print_config: PrintConfigOption = False,
 ) -> None:
     """Simulate P peers fine-tuning one model with DoRA and gossiping adapters.
 
@@ -79,11 +84,15 @@ def simulate(
 
     updates: dict[str, Any] = {}
     if mixer is not None:
-        updates["mixer"] = mixer
+        updates["network.mixer"] = mixer
     if output_dir is not None:
-        updates["output_dir"] = str(output_dir)
+        updates["run.output_dir"] = str(output_dir)
     try:
-        run_simulate(load_run_config(config, set_, updates, resume), console=console_for_logs(), resume=resume is not None)
+        resolved = load_run_config(config, set_, updates, resume)
+        if print_config:
+            typer.echo(to_yaml(resolved), nl=False)
+            return
+        run_simulate(resolved, console=console_for_logs(), resume=resume is not None)
     except user_errors() as exc:
         raise fail(str(exc)) from None
 
@@ -103,7 +112,7 @@ def compare(
     from d2ora.recipes.compare import compare as run_compare
     from d2ora.recipes.compare import parse_mixers, parse_seeds
 
-    updates: dict[str, Any] = {} if output_dir is None else {"output_dir": str(output_dir)}
+    updates: dict[str, Any] = {} if output_dir is None else {"run.output_dir": str(output_dir)}
     try:
         names = parse_mixers(mixers)
         seed_list = None if seeds is None else parse_seeds(seeds)
@@ -111,8 +120,8 @@ def compare(
         raise fail(str(exc)) from None
     try:
         cfg = load_run_config(config, set_, updates, None)
-        if output_dir is None and cfg.output_dir == Path("runs/simulate"):  # the simulate default: give compare its own
-            cfg = cfg.model_copy(update={"output_dir": Path("runs/compare")})
+        if output_dir is None and cfg.run.output_dir == Path("runs/simulate"):  # the simulate default: give compare its own
+            cfg = cfg.updated({"run.output_dir": Path("runs/compare")})
         run_compare(cfg, names, console=console_for_logs(), seeds=seed_list, skip_done=skip_done)
     except user_errors() as exc:
         raise fail(str(exc)) from None

@@ -59,11 +59,11 @@ def _under_any(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def resolve_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
-    """Full names of the modules listed in ``modules_to_save``; an unknown name is an error."""
+def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Full names of the modules listed in ``modules_to_save`` (None: none); an unknown name is an error."""
     all_names = [n for n, _ in model.named_modules() if n]
     resolved: list[str] = []
-    for target in names:
+    for target in names or []:
         hits = [n for n in all_names if name_matches(n, target)]
         if not hits:
             raise AttachError(f"modules_to_save: no module named '{target}' in {type(model).__name__}")

@@ -22,9 +22,10 @@ class DoRAConfig(BaseModel):
             "modules_to_save."
         ),
     )
-    modules_to_save: list[str] = Field(
-        default_factory=list,
-        description="Modules trained in full and saved with the adapter (e.g. a classification head), matched like target names.",
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full and saved with the adapter (e.g. a classification head), matched like "
+        "target names. None: none here; d2ora's recipes read a config's null as 'the task's new head'.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling s = alpha / sqrt(r) (arXiv 2312.03732).")
     use_dora: bool = Field(True, description="False gives plain LoRA: the same layer with the magnitude switched off.")

@@ -106,7 +106,7 @@ def adapter_config_dict(model: nn.Module, base_model_name_or_path: str | None, t
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "target_modules": _portable_target_names(model, adapted),
-        "modules_to_save": list(config.modules_to_save) or None,
+        "modules_to_save": list(config.modules_to_save or []) or None,
         "use_dora": config.use_dora,
         "use_rslora": config.use_rslora,
         "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in layers.values()),

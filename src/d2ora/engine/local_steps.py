@@ -21,6 +21,7 @@ from torch import nn
 
 from d2ora.data.tasks import Batch, Task
 from d2ora.engine.peers import PeerModel
+from d2ora.optim import adamw_groups, linear_schedule
 
 Collate = Callable[[list[dict[str, Any]]], Batch]
 
@@ -105,14 +106,9 @@ def stacked_parameters(peer_model: PeerModel) -> list[nn.Parameter]:
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the stacks, fused where torch supports it (one kernel for every peer's update).
-
-    Weight decay applies to matrices only (stacked ndim >= 3: A, B, head weights); decaying a DoRA
-    magnitude pulls the layer's output to 0 instead of regularising the update.
-    """
-    decay = [p for p in params if p.ndim >= 3]
-    no_decay = [p for p in params if p.ndim < 3]
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    """AdamW over the stacks (weight decay on matrices only: :func:`d2ora.optim.adamw_groups`),
+    fused where torch supports it (one kernel for every peer's update)."""
+    groups = adamw_groups(params, weight_decay, stacked=True)
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, ValueError):  # dtype / device without a fused kernel
@@ -132,18 +128,6 @@ def clip_per_peer_(params: Sequence[nn.Parameter], max_norm: float) -> torch.Ten
     for g in grads:
         g.mul_(factor.to(g.dtype).view(-1, *([1] * (g.dim() - 1))))
     return norms
-
-
-def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then linear decay to 0."""
-    warmup = int(total_steps * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class StepCorrection(Protocol):

@@ -72,10 +72,9 @@ def run_dir(root: Path, method: str, seed: int, several_seeds: bool) -> Path:
 
 
 def method_config(config: SimulateConfig, method: str, seed: int, out: Path) -> SimulateConfig:
-    """``config`` for one (method, seed) run, validated afresh (model_copy skips validation)."""
-    mode = {"mode": CENTRALIZED} if method == CENTRALIZED else {"mode": "decentralized", "mixer": method}
-    run_config = config.model_copy(update={**mode, "seed": seed, "output_dir": out})
-    return SimulateConfig.model_validate(run_config.model_dump())
+    """``config`` for one (method, seed) run, validated afresh."""
+    mode = {"network.mode": CENTRALIZED} if method == CENTRALIZED else {"network.mode": "decentralized", "network.mixer": method}
+    return config.updated({**mode, "run.seed": seed, "run.output_dir": out})
 
 
 @dataclass(frozen=True)
@@ -121,14 +120,14 @@ def is_finished(config: SimulateConfig, out: Path) -> bool:
         rows = read_rows(out)
     except (OSError, ValueError):
         return False
-    if not rows or rows[-1].get("round") != config.rounds:
+    if not rows or rows[-1].get("round") != config.run.rounds:
         return False
     return summary.final == rows[-1]  # both written from the same dict (NaN is stored as null)
 
 
 def run_one(config: SimulateConfig, label: str, console: Console, skip_done: bool) -> Run:
     """Run (or resume, or skip as done) one (method, seed); its summary and metrics rows."""
-    out = Path(config.output_dir)
+    out = Path(config.run.output_dir)
     previous = previous_run(config, out) if skip_done else Previous("new")
     if previous.status == "done":
         console.print(f"{label}: finished earlier in {out} (same config), skipped")
@@ -152,8 +151,8 @@ def compare(config: SimulateConfig, mixers: list[str], console: Console | None =
     from d2ora.report import MethodRuns
 
     console = console or Console()
-    seeds = [config.seed] if seeds is None else list(seeds)
-    root, several = Path(config.output_dir), len(seeds) > 1
+    seeds = [config.run.seed] if seeds is None else list(seeds)
+    root, several = Path(config.run.output_dir), len(seeds) > 1
     plan = [(seed, method) for seed in seeds for method in mixers]
     runs: dict[tuple[str, int], Run] = {}
     for i, (seed, method) in enumerate(plan, 1):

@@ -55,7 +55,7 @@ def _agreed_resume_round(group: Group, checkpointer: Checkpointer) -> int | None
 def run_peer(config: SimulateConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any] | None:
     """This process's part of the run; process 0 returns summary.json's content, the others None."""
     console = console or Console()
-    group = start(config.timeout_s, config.device)
+    group = start(config.network.timeout_s, config.run.device)
     try:
         return _run(config, console, group, resume or restarted())
     except BaseException as exc:
@@ -70,12 +70,12 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     agree(group, "config", config.result_config())
     if config.centralized and group.world_size > 1:
         raise DistributedSetupError("mode centralized trains one peer: run it with one process")
-    if config.trust == "simulated":
+    if config.trust.mode == "simulated":
         raise DistributedSetupError("trust: simulated is for d2ora simulate; processes need real keys: trust: keys with "
                                     "roster and keys_dir (d2ora keygen writes the key files)")
-    seed_everything(config.seed)
-    output_dir = atomic.ensure_writable_dir(config.output_dir)
-    build_network(config, [1] * config.peers)
+    seed_everything(config.run.seed)
+    output_dir = atomic.ensure_writable_dir(config.run.output_dir)
+    build_network(config, [1] * config.network.peers)
     rank, world = group.rank, group.world_size
     session = open_session(config, group.device, lambda peers: peer_block(peers, world, rank))
     agree(group, "adapter layout (model, targets, rank)", session.host.layout.describe())
@@ -94,8 +94,8 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     shown = console if group.is_root else Console(quiet=True)  # one process speaks for the job
     describe_setup(session, shown)
     shown.print(f"{world} processes ({group.backend}); process 0 hosts {describe(0).split('(')[1].rstrip(')')}")
-    checkpointer = Checkpointer(rank_dir(output_dir, rank), host.components(), config.result_config(), every=config.checkpoint_every,
-                                keep=config.keep_checkpoints, warn=console.print)
+    checkpointer = Checkpointer(rank_dir(output_dir, rank), host.components(), config.result_config(), every=config.run.checkpoint_every,
+                                keep=config.run.keep_checkpoints, warn=console.print)
     state, rows = LoopState(), []
     round_to_resume = _agreed_resume_round(group, checkpointer) if resume else None
     if round_to_resume is not None:
@@ -107,7 +107,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     else:
         shutil.rmtree(checkpointer.directory, ignore_errors=True)
     routes = Routes(network.weights)
-    trusted = config.trust != "off"
+    trusted = config.trust.mode != "off"
     exchange: Exchange = DistributedExchange(routes, host.peer_ids, owner, group, session.share.message_numel, host.layout.dtype,
                                              wire_dtype(config), attachment_bytes=ENVELOPE_BYTES if trusted else 0)
     trust = None

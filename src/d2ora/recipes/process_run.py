@@ -34,13 +34,13 @@ SUMMARY_FILE = "summary.json"
 def describe_setup(session: Session, console: Console) -> None:
     """The lines printed before training: model, graph, label table, budget."""
     config, data = session.config, session.data
-    console.print(f"[bold]{config.model_name}[/bold] ({config.task}): {session.attach_report.summary()}")
+    console.print(f"[bold]{config.model_name}[/bold] ({config.model.task}): {session.attach_report.summary()}")
     console.print(f"topology {session.network.description}")
     if data.labels is not None:
         counts = label_counts(data.labels, data.train_shards, data.n_classes)
-        console.print(format_label_table(counts, data.class_names, title=f"training examples per peer ({config.partition_label()})"))
+        console.print(format_label_table(counts, data.class_names, title=f"training examples per peer ({config.data.partition_label()})"))
     console.print(
-        f"{session.peers} peer(s), {config.run_name}, {config.rounds} rounds x {config.local_steps} local steps, "
+        f"{session.peers} peer(s), {config.run_name}, {config.run.rounds} rounds x {config.run.local_steps} local steps, "
         f"batch {config.peer_batch_size} per peer, {len(data.test)} test examples, on {session.device}"
     )
 
@@ -51,25 +51,25 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
     wrong type fails here, at the end of the run that made it, not in a later compare."""
     config, data = session.config, session.data
     layout = session.host.layout
-    message_bytes = message_numel(layout, config.share) * wire_itemsize(layout.dtype, wire_dtype(config))
+    message_bytes = message_numel(layout, config.network.share) * wire_itemsize(layout.dtype, wire_dtype(config))
     return RunSummary.model_validate({
-        "name": config.run_name, "mixer": "centralized" if config.centralized else config.mixer,
-        "robust": config.robust, "share": config.share, "drift": config.drift, "prox_mu": config.prox_mu, "logit_adjust": config.logit_adjust, "attack": config.attack, "byzantine": config.byzantine, "method": config.method, "r": config.r, "model": config.model_name,
-        "task": config.task, "metric": data.task.metric, "higher_is_better": data.task.higher_is_better, "peers": session.peers,
+        "name": config.run_name, "mixer": "centralized" if config.centralized else config.network.mixer,
+        "robust": config.trust.robust, "share": config.network.share, "drift": config.network.drift, "prox_mu": config.network.prox_mu, "logit_adjust": config.network.logit_adjust, "attack": config.trust.attack, "byzantine": config.trust.byzantine, "method": config.method, "r": config.adapter.r, "model": config.model_name,
+        "task": config.model.task, "metric": data.task.metric, "higher_is_better": data.task.higher_is_better, "peers": session.peers,
         "topology": session.network.description, "spectral_gap": session.network.spectral_gap,
-        "partition": config.partition_label(), "rounds": config.rounds, "local_steps": config.local_steps,
+        "partition": config.data.partition_label(), "rounds": config.run.rounds, "local_steps": config.run.local_steps,
         "mixing_steps": session.network.mixing_steps, "batch_size": config.peer_batch_size, "label_names": data.class_names,
         "label_counts": label_counts(data.labels, data.train_shards, data.n_classes).tolist() if data.labels is not None else None,
         "final": rows[-1], "runtime_s": runtime_s, **saved,
         "trainable_params_per_peer": session.attach_report.trainable_params, "message_bytes": message_bytes,
-        "wire_dtype": config.wire_dtype, **extra,
+        "wire_dtype": config.network.wire_dtype, **extra,
     })
 
 
 def trust_summary(trust: TrustRun, rejections: torch.Tensor) -> TrustSummary:
     """summary.json's trust section: the ledgers, the rejected messages per sender and check, and
     this process's signing, checking and ledger time (seconds)."""
-    return TrustSummary.model_validate({"mode": trust.config.trust, "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
+    return TrustSummary.model_validate({"mode": trust.config.trust.mode, "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
                                          "rejected_total": int(rejections.sum()), "rejected_by_sender": rejection_summary(rejections),
                                          "seconds": {k: round(v, 4) for k, v in trust.seconds.items()}})
 
@@ -102,17 +102,17 @@ def run_rounds_and_report(
         atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
         log = MetricsLog(output_dir, metric, rows)
         listeners.append(log)
-        if config.tensorboard:
+        if config.run.tensorboard:
             board = TensorBoardLog(output_dir, metric, purge_after=state.round if resumed else None)
             listeners.append(board)
-    view = ConsoleView(console, metric, config.rounds, config.local_steps, start_round=state.round)
+    view = ConsoleView(console, metric, config.run.rounds, config.run.local_steps, start_round=state.round)
     listeners.append(view)
 
     def checkpoint(loop_state: LoopState) -> None:
-        if checkpointer.due(loop_state.round, config.rounds):
+        if checkpointer.due(loop_state.round, config.run.rounds):
             checkpointer.save(loop_state, log.rows if log is not None else None)
 
-    settings = RunSettings(rounds=config.rounds, eval_every=config.eval_every, eval_peers=config.eval_peers, peers=session.peers)
+    settings = RunSettings(rounds=config.run.rounds, eval_every=config.run.eval_every, eval_peers=config.run.eval_peers, peers=session.peers)
     loop = RoundLoop(RoundContext(
         host=host, exchange=exchange, collector=collector, plan=session.plan, settings=settings,
         test_batches=session.test_batches, val_batches=session.val_batches,
@@ -130,14 +130,14 @@ def run_rounds_and_report(
     save_peer_adapters(session, output_dir)
     rejections = None
     if trust is not None:
-        rejections = collector.gather_values(trust.rejections.reshape(len(host.peer_ids), -1), config.rounds + 1)
+        rejections = collector.gather_values(trust.rejections.reshape(len(host.peer_ids), -1), config.run.rounds + 1)
     if log is None:
         if trust is not None:
             trust.finish()
             trust.close()
         return None
     remove_stale_outputs(config, output_dir, session.peers)
-    adapters = [f"adapters/peer-{k}" for k in range(session.peers)] if config.save_adapters else []
+    adapters = [f"adapters/peer-{k}" for k in range(session.peers)] if config.run.save_adapters else []
     saved: dict[str, Any] = {"adapters": adapters, **save_consensus(session, output_dir, state.consensus)}
     if trust is not None:
         assert rejections is not None

@@ -37,6 +37,7 @@ from d2ora.engine.share import SharePolicy
 from d2ora.mixers import LocalMixer, Mixer, is_federated, make_mixer
 from d2ora.mixers.robust import check_neighbourhood, make_robust
 from d2ora.models import LoadedModel, head_modules, load_model
+from d2ora.recipes.sections import adapter_for
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.runtime_support import quiet_datasets
 from d2ora.trust.attacks import flip_labels
@@ -70,29 +71,29 @@ def prepare_peer_data(config: SimulateConfig, load_model_for: Callable[[Task], L
 
     ``load_model_for(task)`` loads the model (its tokenizer is needed to tokenise, and a
     classification head needs the task's label names)."""
-    classify = config.task == "classification"
+    classify = config.model.task == "classification"
     raw = load_source(
-        config.data, text_column=config.text_column,
-        label_column=config.label_column if classify or config.partition != "iid" else None,
-        split=config.data_split,
+        config.data.source, text_column=config.data.text_column,
+        label_column=config.data.label_column if classify or config.data.partition != "iid" else None,
+        split=config.data.split,
     )
     stratify = "labels" in raw.column_names
-    idx = split_indices(raw, 0.0, config.test_fraction, config.seed, stratify=stratify)
-    pool = subsample(raw.select(idx["train"]), config.max_train_samples, config.seed, stratify=stratify)
-    test = subsample(raw.select(idx["test"]), config.max_test_samples, config.seed, stratify=stratify)
-    task = make_task(config.task, pool)
+    idx = split_indices(raw, 0.0, config.data.test_fraction, config.run.seed, stratify=stratify)
+    pool = subsample(raw.select(idx["train"]), config.data.max_train_samples, config.run.seed, stratify=stratify)
+    test = subsample(raw.select(idx["test"]), config.data.max_test_samples, config.run.seed, stratify=stratify)
+    task = make_task(config.model.task, pool)
     loaded = load_model_for(task)
-    pool_tok = task.tokenize(pool, loaded.tokenizer, config.max_length)
-    test_tok = task.tokenize(test, loaded.tokenizer, config.max_length)
+    pool_tok = task.tokenize(pool, loaded.tokenizer, config.data.max_length)
+    test_tok = task.tokenize(test, loaded.tokenizer, config.data.max_length)
     if len(pool_tok) == 0 or len(test_tok) == 0:
         raise DataSourceError("the data leaves no training or no test examples after splitting and tokenising")
     labels, class_names = _labels_of(pool_tok)
     if labels is None:
-        if config.partition != "iid":
-            raise PartitionError(f"partition '{config.partition}' needs class labels and the data has none; use partition=iid")
+        if config.data.partition != "iid":
+            raise PartitionError(f"partition '{config.data.partition}' needs class labels and the data has none; use partition=iid")
         labels = np.zeros(len(pool_tok), dtype=np.int64)
-    shards = partition(labels, config.peers, config.partition, config.seed, **config.partition_params())
-    split = [split_local(shard, config.local_val_fraction, config.seed + k) for k, shard in enumerate(shards)]
+    shards = partition(labels, config.network.peers, config.data.partition, config.run.seed, **config.data.partition_params())
+    split = [split_local(shard, config.data.local_val_fraction, config.run.seed + k) for k, shard in enumerate(shards)]
     train_shards = [s[0] for s in split]
     val_shards = [s[1] for s in split]
     if config.centralized:  # one peer holding everybody's data
@@ -100,10 +101,10 @@ def prepare_peer_data(config: SimulateConfig, load_model_for: Callable[[Task], L
         val_shards = [np.sort(np.concatenate(val_shards))]
     n_classes = len(class_names) if class_names else (int(labels.max()) + 1 if labels.size else None)
     train_rows = pool_tok.to_list()
-    if config.attack == "label_flip":
+    if config.trust.attack == "label_flip":
         if not class_names:
             raise PartitionError("attack label_flip needs class labels (task classification)")
-        train_rows, train_shards, labels = poison_labels(train_rows, train_shards, labels, config.byzantine, len(class_names))
+        train_rows, train_shards, labels = poison_labels(train_rows, train_shards, labels, config.trust.byzantine, len(class_names))
     data = PeerData(
         task=task, train_rows=train_rows, train_shards=train_shards, val_shards=val_shards,
         test=test_tok, labels=labels if class_names else None, n_classes=n_classes, class_names=class_names,
@@ -146,43 +147,43 @@ def build_network(config: SimulateConfig, shard_sizes: list[int]) -> Network:
     peers = len(shard_sizes)
     if config.centralized:
         return Network(LocalMixer(), torch.ones(1, 1), 0, "centralized: 1 peer on the pooled data", 1.0)
-    if is_federated(config.mixer):
+    if is_federated(config.network.mixer):
         # The server is a coordinator outside the P data holders; FedAvg weighs peers by data size.
         # One mix is exact (repeating it would only resend the average).
         weights = torch.as_tensor(topo.fedavg_weights(shard_sizes), dtype=torch.float32)
-        line = (f"{config.mixer}: every peer receives all {peers} adapters and takes the server's average "
+        line = (f"{config.network.mixer}: every peer receives all {peers} adapters and takes the server's average "
                 "(weighted by shard size; no server process)")
-        return Network(robust_variant(config, make_mixer(config.mixer), weights), weights, 1, line, 1.0)
-    graph = topo.build_topology(config.topology, peers, **config.topology_params)
-    w = topo.mixing_matrix(graph, config.mixing)
+        return Network(robust_variant(config, make_mixer(config.network.mixer), weights), weights, 1, line, 1.0)
+    graph = topo.build_topology(config.network.topology, peers, **config.network.topology_params)
+    w = topo.mixing_matrix(graph, config.network.mixing)
     summary = topo.summarize(graph, w)
-    line = f"{summary}, {config.mixing} weights".removeprefix("topology ")
-    mixer = make_mixer(config.mixer)
+    line = f"{summary}, {config.network.mixing} weights".removeprefix("topology ")
+    mixer = make_mixer(config.network.mixer)
     if isinstance(mixer, LocalMixer):  # no communication: each peer's neighbourhood is itself
-        if config.robust != "none":
+        if config.trust.robust != "none":
             raise ValueError("mixer local sends nothing: there is no neighbourhood to make robust (set robust: none)")
         return Network(mixer, torch.eye(peers), 0, line + " (unused: local training)", summary.spectral_gap)
     weights = torch.as_tensor(w, dtype=torch.float32)
-    return Network(robust_variant(config, mixer, weights), weights, config.mixing_steps, line, summary.spectral_gap)
+    return Network(robust_variant(config, mixer, weights), weights, config.network.mixing_steps, line, summary.spectral_gap)
 
 
 def robust_variant(config: SimulateConfig, mixer: Mixer, weights: torch.Tensor) -> Mixer:
     """``mixer`` behind the configured Byzantine-robust rule (itself when ``robust: none``)."""
-    options: dict[str, Any] = {"byzantine": config.robust_f}
-    if config.robust_tau is not None:
-        options["tau"] = config.robust_tau
+    options: dict[str, Any] = {"byzantine": config.trust.robust_f}
+    if config.trust.robust_tau is not None:
+        options["tau"] = config.trust.robust_tau
     try:
-        robust = make_robust(mixer, config.robust, **options)
+        robust = make_robust(mixer, config.trust.robust, **options)
         if robust is not mixer:  # every full neighbourhood must support f: fail now, not after round 1's training
             for k in sorted({int(n) for n in (weights != 0).sum(dim=1).tolist()}):
-                check_neighbourhood(config.robust, k, config.robust_f)
+                check_neighbourhood(config.trust.robust, k, config.trust.robust_f)
     except ValueError as exc:
         raise ConfigError(f"robust: {exc}") from None
     return robust
 
 
 def wire_dtype(config: SimulateConfig) -> torch.dtype | None:
-    return WIRE_DTYPES[config.wire_dtype]
+    return WIRE_DTYPES[config.network.wire_dtype]
 
 
 # ---------------------------------------------------------------------------------- the session
@@ -215,15 +216,15 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
     """Load data and model, attach and stack the adapters of the peers ``block(P)`` this process hosts."""
 
     def load(task: Task) -> LoadedModel:
-        return load_model(config.model_name, config.task, label_names=getattr(task, "label_names", None), seed=config.seed)
+        return load_model(config.model_name, config.model.task, label_names=getattr(task, "label_names", None), seed=config.run.seed)
 
     with quiet_datasets():
         data, loaded = prepare_peer_data(config, load)
     task = data.task
-    saved_modules = config.modules_to_save
+    saved_modules = config.adapter.modules_to_save
     if saved_modules is None:
-        saved_modules = head_modules(loaded) if config.task == "classification" else []
-    report = attach(loaded.model, config.dora_config(saved_modules))
+        saved_modules = head_modules(loaded) if config.model.task == "classification" else []
+    report = attach(loaded.model, adapter_for(config.adapter, saved_modules, config.run.seed))
     peers = len(data.train_shards)
     hosted = block(peers)
     peer_model = PeerModel(loaded.model, len(hosted))
@@ -231,27 +232,27 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
     network = build_network(config, [len(s) for s in data.train_shards])
     collate = task.collator(loaded.tokenizer)
     offsets = correction = None
-    if config.logit_adjust > 0:  # each hosted peer's own label prior, from its own training shard
-        offsets = log_prior_offsets([data.labels[data.train_shards[k]] for k in hosted], data.n_classes, config.logit_adjust)
-    if config.drift != "none" or config.prox_mu > 0:
-        correction = LocalCorrection(peer_model, config.drift, beta=config.drift_beta, prox_mu=config.prox_mu,
+    if config.network.logit_adjust > 0:  # each hosted peer's own label prior, from its own training shard
+        offsets = log_prior_offsets([data.labels[data.train_shards[k]] for k in hosted], data.n_classes, config.network.logit_adjust)
+    if config.network.drift != "none" or config.network.prox_mu > 0:
+        correction = LocalCorrection(peer_model, config.network.drift, beta=config.network.drift_beta, prox_mu=config.network.prox_mu,
                                      factors_replaced=network.mixer.factors_replaced)
     trainer = LocalTrainer(
-        peer_model, task, collate, lr=config.lr, total_steps=config.total_steps,
-        weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
-        group_size=min(config.group_size(device), len(hosted)), base_dropout=config.base_dropout, device=device,
+        peer_model, task, collate, lr=config.optim.lr, total_steps=config.total_steps,
+        weight_decay=config.optim.weight_decay, warmup_ratio=config.optim.warmup_ratio, max_grad_norm=config.optim.max_grad_norm,
+        group_size=min(config.group_size(device), len(hosted)), base_dropout=config.model.base_dropout, device=device,
         correction=correction, logit_offsets=offsets,
     )
     host = PeerHost(
         hosted, peer_model, trainer, data.train_rows, [data.train_shards[k] for k in hosted], task, collate, device,
-        batch_size=config.peer_batch_size, seed=config.seed, align_examples=config.dimat_examples,
-        align_max_tokens=config.dimat_max_tokens,
+        batch_size=config.peer_batch_size, seed=config.run.seed, align_examples=config.network.dimat_examples,
+        align_max_tokens=config.network.dimat_max_tokens,
     )
-    test_batches = collated(data.test.to_list(), collate, config.eval_batch_size)
-    val_batches = [collated([data.train_rows[i] for i in data.val_shards[k]], collate, config.eval_batch_size) for k in hosted]
-    share = SharePolicy(host.layout, config.share)
-    plan = make_plan(host, network.mixer, network.weights, local_steps=config.local_steps, mixing_steps=network.mixing_steps,
-                     share=share, hooks=[correction] if correction is not None else [], sequential=config.sequential)
+    test_batches = collated(data.test.to_list(), collate, config.run.eval_batch_size)
+    val_batches = [collated([data.train_rows[i] for i in data.val_shards[k]], collate, config.run.eval_batch_size) for k in hosted]
+    share = SharePolicy(host.layout, config.network.share)
+    plan = make_plan(host, network.mixer, network.weights, local_steps=config.run.local_steps, mixing_steps=network.mixing_steps,
+                     share=share, hooks=[correction] if correction is not None else [], sequential=config.run.sequential)
     return Session(config, data, loaded, report, network, host, device, test_batches, val_batches, share, plan)
 
 
@@ -260,15 +261,15 @@ def remove_stale_outputs(config: SimulateConfig, output_dir: Path, peers: int) -
     """A re-run into the same folder must not leave an earlier run's files looking like this one's."""
     for old in (output_dir / "adapters").glob("peer-*"):
         index = old.name.removeprefix("peer-")
-        if old.is_dir() and index.isdigit() and (not config.save_adapters or int(index) >= peers):
+        if old.is_dir() and index.isdigit() and (not config.run.save_adapters or int(index) >= peers):
             shutil.rmtree(old)
-    if not config.save_merged:
+    if not config.run.save_merged:
         shutil.rmtree(output_dir / "consensus" / "merged", ignore_errors=True)
 
 
 def save_peer_adapters(session: Session, output_dir: Path) -> None:
     """Every hosted peer's adapter in PEFT format (``adapters/peer-<k>``, k global)."""
-    if not session.config.save_adapters:
+    if not session.config.run.save_adapters:
         return
     host, base, task = session.host, session.loaded.source.portable_name, session.data.task
     for k in host.peer_ids:
@@ -285,7 +286,7 @@ def save_consensus(session: Session, output_dir: Path, consensus: torch.Tensor |
     with holding, host.peer_model.peer_view(slot) as view:
         save_adapter(view, output_dir / "consensus" / "adapter", base_model_name_or_path=base, task_type=task.peft_task_type)
         saved["consensus_adapter"] = "consensus/adapter"
-        if session.config.save_merged:
+        if session.config.run.save_merged:
             merge_and_save(view, output_dir / "consensus" / "merged", tokenizer=session.loaded.tokenizer)
             saved["merged_model"] = "consensus/merged"
     return saved

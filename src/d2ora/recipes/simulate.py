@@ -50,7 +50,7 @@ def check_resumable(config: SimulateConfig, output_dir: Path, rank: int = 0) -> 
     newest = sorted(directory.glob("round-*/state.json")) if directory.is_dir() else []
     if not newest:
         raise CheckpointError(f"nothing to resume in {output_dir}: no checkpoints under {directory}")
-    if config.trust == "simulated":
+    if config.trust.mode == "simulated":
         raise CheckpointError("trust: simulated signs with throwaway keys that are never stored, so its ledgers cannot be "
                               "continued: rerun it, or use trust: keys with key files (d2ora keygen)")
     try:
@@ -67,19 +67,19 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
     """Run one configured simulation (or resume it from its newest checkpoint); returns summary.json's content."""
     console = console or Console()
     started = time.perf_counter()
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    output_dir = atomic.ensure_writable_dir(config.output_dir)
+    seed_everything(config.run.seed)
+    device = resolve_device(config.run.device)
+    output_dir = atomic.ensure_writable_dir(config.run.output_dir)
     # Validate the graph before any data or model loads: a bad topology fails in a second.
-    build_network(config, [1] * config.peers)
+    build_network(config, [1] * config.network.peers)
     if resume:
         check_resumable(config, output_dir)
 
     session = open_session(config, device, lambda peers: range(peers))
     describe_setup(session, console)
     host, network = session.host, session.network
-    checkpointer = Checkpointer(rank_dir(output_dir, 0), host.components(), config.result_config(), every=config.checkpoint_every,
-                                keep=config.keep_checkpoints, warn=console.print)
+    checkpointer = Checkpointer(rank_dir(output_dir, 0), host.components(), config.result_config(), every=config.run.checkpoint_every,
+                                keep=config.run.keep_checkpoints, warn=console.print)
     state, rows = LoopState(), []
     if resume:
         latest = checkpointer.latest_valid()
@@ -93,7 +93,7 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
     routes = Routes(network.weights)
     exchange: Exchange = InMemoryExchange(routes, host.peer_ids, wire_dtype(config))
     trust = None
-    if config.trust != "off":
+    if config.trust.mode != "off":
         roster, keys = load_identities(config, host.peer_ids, session.peers)
         nonce = stored_nonce(output_dir, host.peer_ids) if resume else os.urandom(NONCE_BYTES)
         trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=state.round if resume else None,

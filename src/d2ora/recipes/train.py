@@ -10,8 +10,8 @@ validation split before training and after every epoch, on the test split at the
       train_config.yaml            the resolved config; `d2ora train --config` on it repeats the run
 
 The defaults (MiniLM on BBC News, 192 training and 150 validation / test examples, 3 epochs) run
-in a few minutes on a 2-core CPU; set ``max_train_samples`` / ``max_eval_samples`` to null for
-the full splits.
+in a few minutes on a 2-core CPU; set ``data.max_train_samples``, ``data.max_val_samples`` and
+``data.max_test_samples`` to null for the full splits.
 """
 
 from __future__ import annotations
@@ -19,29 +19,24 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 from datasets import Dataset
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
 from d2ora import atomic
 from d2ora.config_io import to_yaml
-from d2ora.data.sources import (
-    BBC_NEWS,
-    DataSourceError,
-    load_source,
-    split_dataset,
-    subsample,
-)
-from d2ora.data.tasks import Task, TaskName, make_task
-from d2ora.dora.attach import AttachReport, attach
+from d2ora.data.sources import DataSourceError, load_source, split_dataset, subsample
+from d2ora.data.tasks import Task, make_task
+from d2ora.dora.attach import AttachReport, attach, dora_layers
 from d2ora.dora.config import DoRAConfig
-from d2ora.engine.local_steps import linear_schedule
-from d2ora.models import DEFAULT_MODEL, LoadedModel, check_device_name, head_modules, load_model
+from d2ora.models import LoadedModel, head_modules, load_model
+from d2ora.optim import adamw_groups, linear_schedule
+from d2ora.recipes.sections import DataSection, ModelSection, OptimSection, RunSection, SectionedConfig, adapter_for
 from d2ora.runtime_support import progress_bar, quiet_datasets, resolve_device, seed_everything
 
 ADAPTER_DIR = "adapter"
@@ -50,101 +45,73 @@ METRICS_FILE = "metrics.json"
 CONFIG_FILE = "train_config.yaml"
 
 
-class TrainConfig(BaseModel):
-    """Everything one centralised training run needs; ``d2ora train`` reads it from YAML + ``--set``."""
+class TrainDataSection(DataSection):
+    """The data of a centralised run: train, validation and test splits."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    # --- what to train on
-    model: str | None = Field(
-        None,
-        description="Preset ('minilm', 'smollm2'), local folder, local .gguf file or Hub name; "
-        "null picks the task's default: minilm for classification, smollm2 for causal_lm.",
-    )
-    task: TaskName = Field("classification", description="'classification' (accuracy) or 'causal_lm' (perplexity).")
-    data: str | dict[str, list[Any]] = Field(
-        BBC_NEWS,
-        description="'bbc_news' (shipped), a local csv/tsv/json/jsonl/parquet/txt file (optionally .gz/.bz2/.xz/.zst), a folder of <class>/*.txt, "
-        "a Hub dataset name (online), or an inline mapping of columns.",
-    )
-    data_split: str = Field("train", description="Split to read from a Hub dataset; d2ora then makes its own splits.")
-    text_column: str = Field("text", description="Column holding the input text.")
-    label_column: str = Field("label", description="Column holding the class label (classification only).")
-    max_length: int = Field(128, gt=1, description="Tokens per example; longer texts are truncated.")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="Share of the data held out for validation.")
-    test_fraction: float = Field(0.15, gt=0, lt=1, description="Share of the data held out for the final test.")
-    seed: int = Field(0, description="Seeds splits, sampling, the head and adapter init, and batch order.")
-    max_train_samples: int | None = Field(
-        192, gt=0, description="Cap on training examples (stratified sample) for quick runs; null uses the whole split."
-    )
-    max_eval_samples: int | None = Field(
-        150, gt=0, description="Cap on validation and on test examples each (stratified); null uses the whole splits."
-    )
-
-    # --- the adapter
-    method: Literal["dora", "lora"] = Field("dora", description="'dora' (magnitude + direction) or plain 'lora'.")
-    r: int = Field(8, gt=0, description="Adapter rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input while training.")
-    target_modules: list[str] | str = Field(
-        default_factory=lambda: ["all-linear"],
-        description="Layers to adapt: names (suffix match), one regex string, or ['all-linear'].",
-    )
-    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
-    modules_to_save: list[str] | None = Field(
-        None, description="Modules trained in full and saved with the adapter; null: the new classification head (none for causal_lm)."
-    )
-
-    # --- optimisation
-    epochs: int = Field(3, gt=0, description="Passes over the training set.")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps in all (null: no cap).")
-    batch_size: int = Field(16, gt=0, description="Training examples per optimiser step.")
-    eval_batch_size: int = Field(64, gt=0, description="Examples per evaluation batch.")
-    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices (never on biases, norms or DoRA magnitudes).")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up; the rest decays linearly to 0.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (null: no clipping).")
-
-    # --- where things go
-    output_dir: Path = Field(Path("runs/train"), description="Folder for the adapter, checkpoints and metrics.json.")
-    save_checkpoints: bool = Field(True, description="Save the adapter after every epoch under checkpoints/epoch-<n>.")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        return check_device_name(value)
+    max_train_samples: int | None = Field(192, gt=0, description="Cap on training examples (stratified sample) for quick runs; null uses the whole split.")
+    max_val_samples: int | None = Field(150, gt=0, description="Cap on validation examples (stratified); null uses the whole split.")
 
     @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> TrainConfig:
+    def _fractions_leave_training_data(self) -> TrainDataSection:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves no training data")
         return self
 
+
+class TrainRunSection(RunSection):
+    """How long to train, and where things go."""
+
+    epochs: int = Field(3, gt=0, description="Passes over the training set.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimiser steps in all (null: no cap).")
+    eval_batch_size: int = Field(64, gt=0, description="Examples per evaluation batch.")
+    output_dir: Path = Field(Path("runs/train"), description="Folder for the adapter, checkpoints and metrics.json.")
+    save_checkpoints: bool = Field(True, description="Save the adapter after every epoch under checkpoints/epoch-<n>.")
+
+
+class TrainConfig(SectionedConfig):
+    """Everything one centralised training run needs; ``d2ora train`` reads it from YAML + ``--set``.
+
+    ``data``, ``model``, ``adapter`` and ``optim`` are the sections ``d2ora simulate`` has too; only
+    the defaults differ (adapter dropout 0.05, batch 16, 10% warm-up, the base's own dropout on)."""
+
+    data: TrainDataSection = Field(default_factory=TrainDataSection, description="The data and its splits.")
+    model: ModelSection = Field(default_factory=lambda: ModelSection(base_dropout=True), description="The frozen base model.")
+    adapter: DoRAConfig = Field(default_factory=lambda: DoRAConfig(dropout=0.05), description="The adapter (modules_to_save null: the task's head; init_seed null: run.seed).")
+    optim: OptimSection = Field(default_factory=lambda: OptimSection(batch_size=16, warmup_ratio=0.1), description="AdamW.")
+    run: TrainRunSection = Field(default_factory=TrainRunSection, description="Epochs, outputs, device, seed.")
+
+    moved_keys: ClassVar[dict[str, str | tuple[str, ...]]] = {
+        "model": "model.name", "task": "model.task",
+        "data": "data.source", "data_split": "data.split",
+        **{k: f"data.{k}" for k in ("text_column", "label_column", "max_length", "val_fraction", "test_fraction",
+                                    "max_train_samples")},
+        "max_eval_samples": ("data.max_val_samples", "data.max_test_samples"),
+        "method": "adapter.use_dora",
+        **{k: f"adapter.{k}" for k in ("r", "alpha", "dropout", "target_modules", "use_rslora", "modules_to_save")},
+        **{k: f"optim.{k}" for k in ("batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm")},
+        **{k: f"run.{k}" for k in ("seed", "epochs", "max_steps", "eval_batch_size", "output_dir", "save_checkpoints",
+                                   "device")},
+    }
+
     @property
     def model_name(self) -> str:
         """The model to load: the given one, or the task's default."""
-        return self.model or DEFAULT_MODEL[self.task]
-
-    def dora_config(self, modules_to_save: list[str]) -> DoRAConfig:
-        return DoRAConfig(
-            r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules,
-            modules_to_save=modules_to_save, use_rslora=self.use_rslora, use_dora=self.method == "dora",
-            init_seed=self.seed,
-        )
+        return self.model.resolved_name
 
 
 # --------------------------------------------------------------------------------------------- setup
 def prepare_splits(config: TrainConfig) -> dict[str, Dataset]:
     """Raw train / validation / test splits, capped as configured (stratified for classification)."""
-    classify = config.task == "classification"
+    data, seed = config.data, config.run.seed
+    classify = config.model.task == "classification"
     raw = load_source(
-        config.data, text_column=config.text_column,
-        label_column=config.label_column if classify else None, split=config.data_split,
+        data.source, text_column=data.text_column,
+        label_column=data.label_column if classify else None, split=data.split,
     )
-    splits = split_dataset(raw, config.val_fraction, config.test_fraction, config.seed, stratify=classify)
-    caps = {"train": config.max_train_samples, "validation": config.max_eval_samples, "test": config.max_eval_samples}
-    return {name: subsample(splits[name], caps[name], config.seed, stratify=classify) for name in splits}
+    splits = split_dataset(raw, data.val_fraction, data.test_fraction, seed, stratify=classify)
+    caps = {"train": data.max_train_samples, "validation": data.max_val_samples, "test": data.max_test_samples}
+    return {name: subsample(splits[name], caps[name], seed, stratify=classify) for name in splits}
 
 
 def _loader(dataset: Dataset, task: Task, tokenizer: Any, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -154,14 +121,20 @@ def _loader(dataset: Dataset, task: Task, tokenizer: Any, batch_size: int, shuff
     )
 
 
-def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # Decay matrices only. Decaying a DoRA magnitude (or a bias / norm scale) pulls it to 0, i.e.
-    # shrinks the layer's output, instead of regularising the update.
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    return torch.optim.AdamW(adamw_groups(trainable, optim.weight_decay), lr=optim.lr)
+
+
+def _train_mode(model: nn.Module, base_dropout: bool, saved_modules: list[str]) -> None:
+    """Adapters (and saved modules) train; the frozen base keeps its own dropout only with
+    ``model.base_dropout`` (the same rule as the peers' local steps in ``simulate``)."""
+    model.train(base_dropout)
+    if not base_dropout:
+        for layer in dora_layers(model).values():
+            layer.train()
+        for name in saved_modules:
+            model.get_submodule(name).train()
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -201,39 +174,39 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
     """Fine-tune ``config.model`` with an adapter on ``config.data``; returns what metrics.json holds."""
     console = console or Console()
     started = time.perf_counter()
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
-    output_dir = Path(config.output_dir)
+    run, optim, task_name = config.run, config.optim, config.model.task
+    seed_everything(run.seed)
+    device = resolve_device(run.device)
+    output_dir = Path(run.output_dir)
 
     with quiet_datasets():
         splits = prepare_splits(config)  # data first: a bad source fails before a model loads
         # ... and an unwritable output folder fails before the model loads and trains for minutes.
         atomic.ensure_writable_dir(output_dir)
-        task = make_task(config.task, splits["train"])
+        task = make_task(task_name, splits["train"])
         label_names = getattr(task, "label_names", None)
-        loaded = load_model(config.model_name, config.task, label_names=label_names, seed=config.seed)
-        saved = config.modules_to_save
+        loaded = load_model(config.model_name, task_name, label_names=label_names, seed=run.seed)
+        saved = config.adapter.modules_to_save
         if saved is None:
-            saved = head_modules(loaded) if config.task == "classification" else []
-        report = attach(loaded.model, config.dora_config(saved))
-        console.print(f"[bold]{config.model_name}[/bold] ({config.task}): {report.summary()}")
-        tokenised = {name: task.tokenize(ds, loaded.tokenizer, config.max_length) for name, ds in splits.items()}
+            saved = head_modules(loaded) if task_name == "classification" else []
+        report = attach(loaded.model, adapter_for(config.adapter, saved, run.seed))
+        console.print(f"[bold]{config.model_name}[/bold] ({task_name}): {report.summary()}")
+        tokenised = {name: task.tokenize(ds, loaded.tokenizer, config.data.max_length) for name, ds in splits.items()}
     if len(tokenised["train"]) == 0:
-        name = config.data if isinstance(config.data, str) else "inline data"
-        raise DataSourceError(f"data source '{name}' leaves no training examples after splitting and tokenising")
+        raise DataSourceError(f"data source '{config.data.name}' leaves no training examples after splitting and tokenising")
 
     model = loaded.model.to(device)
-    train_loader = _loader(tokenised["train"], task, loaded.tokenizer, config.batch_size, True, config.seed)
+    train_loader = _loader(tokenised["train"], task, loaded.tokenizer, optim.batch_size, True, run.seed)
     eval_loaders = {
-        name: _loader(tokenised[name], task, loaded.tokenizer, config.eval_batch_size, False, config.seed)
+        name: _loader(tokenised[name], task, loaded.tokenizer, run.eval_batch_size, False, run.seed)
         for name in ("validation", "test")
     }
     steps_per_epoch = len(train_loader)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    optimizer = _optimizer(model, config)
-    scheduler = linear_schedule(optimizer, total_steps, config.warmup_ratio)
+    total_steps = run.epochs * steps_per_epoch
+    if run.max_steps is not None:
+        total_steps = min(total_steps, run.max_steps)
+    optimizer = _optimizer(model, optim)
+    scheduler = linear_schedule(optimizer, total_steps, optim.warmup_ratio)
     console.print(
         f"data: {len(tokenised['train'])} train / {len(tokenised['validation'])} validation / "
         f"{len(tokenised['test'])} test examples; {total_steps} steps on {device}"
@@ -245,7 +218,7 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
         "config": config.model_dump(mode="json"),
         "model": config.model_name,
         "model_path": loaded.source.path,
-        "task": config.task,
+        "task": task_name,
         "metric": task.metric,
         "higher_is_better": task.higher_is_better,
         "label_names": label_names,
@@ -263,31 +236,31 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
         loss_text = f"train loss {train_loss:.4f}  " if train_loss is not None else ""
         console.print(f"epoch {epoch}: {loss_text}validation {_fmt(val, task.metric)}")
         # No epoch-0 checkpoint: it is the base model itself (B = 0), a degenerate point for analyze.
-        if config.save_checkpoints and epoch > 0:
+        if run.save_checkpoints and epoch > 0:
             _save(model, output_dir / CHECKPOINTS_DIR / f"epoch-{epoch}", loaded, task)
         result["runtime_s"] = time.perf_counter() - started
         atomic.write_json(output_dir / METRICS_FILE, result)
 
     record_epoch(0, 0, None)
     step = 0
-    model.train()
     with progress_bar(console) as progress:
         bar = progress.add_task("training", total=total_steps, loss="-")
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, run.epochs + 1):
+            _train_mode(model, config.model.base_dropout, report.modules_to_save)  # evaluation switched it off
             loss_sum, batches = 0.0, 0
             for batch in train_loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = task.loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+                if optim.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 loss_sum += loss.item()
                 batches += 1
-                progress.update(bar, advance=1, description=f"epoch {epoch}/{config.epochs}", loss=f"{loss.item():.4f}")
+                progress.update(bar, advance=1, description=f"epoch {epoch}/{run.epochs}", loss=f"{loss.item():.4f}")
                 if step >= total_steps:
                     break
             record_epoch(epoch, step, loss_sum / max(batches, 1))

@@ -44,22 +44,22 @@ MAX_REJECTION_LINES = 8
 def load_identities(config: SimulateConfig, hosted: Iterable[int], peers: int) -> tuple[Roster, dict[int, Ed25519PrivateKey]]:
     """The roster and the private keys of the hosted peers."""
     hosted = list(hosted)
-    if config.trust == "simulated":
+    if config.trust.mode == "simulated":
         keys = {p: Ed25519PrivateKey.generate() for p in range(peers)}
         roster = Roster({p: Member(p, k.public_key()) for p, k in keys.items()})
         return roster, {p: keys[p] for p in hosted}
-    assert config.roster is not None and config.keys_dir is not None  # the config validator ensures it
-    roster = load_roster(config.roster)
+    assert config.trust.roster is not None and config.trust.keys_dir is not None  # the config validator ensures it
+    roster = load_roster(config.trust.roster)
     roster.check_covers(peers)
     passphrase = None
-    if config.key_passphrase_env:
-        value = os.environ.get(config.key_passphrase_env)
+    if config.trust.key_passphrase_env:
+        value = os.environ.get(config.trust.key_passphrase_env)
         if value is None:
-            raise IdentityError(f"key_passphrase_env names {config.key_passphrase_env}, which is not set")
+            raise IdentityError(f"key_passphrase_env names {config.trust.key_passphrase_env}, which is not set")
         passphrase = value.encode()
     keys = {}
     for peer in hosted:
-        path = Path(config.keys_dir) / f"peer-{peer}.key"
+        path = Path(config.trust.keys_dir) / f"peer-{peer}.key"
         key = load_private_key(path, passphrase)
         if public_key_string(key) != roster.members[peer].key_string:
             raise IdentityError(f"{path} is not peer {peer}'s key: its public key is not the one on the roster")
@@ -128,15 +128,15 @@ class TrustRun:
         self.rejections = torch.zeros(len(host.peer_ids), routes.peers, len(CHECKS), dtype=torch.float64)
         self.seconds = {"sign": 0.0, "verify": 0.0, "ledger": 0.0}
         self.adversary: Adversary | None = None
-        if config.attack not in ("none", "label_flip"):
-            self.adversary = Adversary(config.attack, frozenset(config.byzantine), self.routes, seed=config.seed,
-                                       scale=config.attack_scale)
+        if config.trust.attack not in ("none", "label_flip"):
+            self.adversary = Adversary(config.trust.attack, frozenset(config.trust.byzantine), self.routes, seed=config.run.seed,
+                                       scale=config.trust.attack_scale)
         self.exchange: SignedExchange | None = None
 
     def wrap(self, inner: Exchange) -> SignedExchange:
         config = self.config
-        checker = MessageChecker(self.roster, self.routes, self.run_id, message_numel(self.host.layout, config.share), self.wire_dtype,
-                                 config.max_update_norm)
+        checker = MessageChecker(self.roster, self.routes, self.run_id, message_numel(self.host.layout, config.network.share), self.wire_dtype,
+                                 config.trust.max_update_norm)
         self.exchange = SignedExchange(inner, routes=self.routes, keys=self.keys, checker=checker, run_id=self.run_id,
                                        wire_dtype=self.wire_dtype, ledger_head=lambda peer: self.ledgers[peer].head,
                                        adversary=self.adversary)
