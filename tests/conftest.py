@@ -95,3 +95,58 @@ def dotted(**flat) -> list[str]:
     from d2ora.recipes.simulate_config import SIMULATE_MOVED_KEYS
 
     return sum((["--set", f"{SIMULATE_MOVED_KEYS[k]}={v}"] for k, v in flat.items()), [])
+
+
+# --- shared by the local-step, drift and component-state tests ---------------------------------
+
+def crash_at_local_step(monkeypatch, calls: int, error: type[Exception] = RuntimeError) -> None:
+    """The process dies in the middle of a round: the ``calls``-th local step raises ``error("power cut")``."""
+    from d2ora.engine.host import PeerHost
+
+    original = PeerHost.local_step
+    count = {"n": 0}
+
+    def failing(self, sequential=False):
+        count["n"] += 1
+        if count["n"] == calls:
+            raise error("power cut")
+        return original(self, sequential)
+
+    monkeypatch.setattr(PeerHost, "local_step", failing)
+
+
+@pytest.fixture(scope="module")
+def one_layer_classifier_dir(tmp_path_factory) -> str:
+    """A one-layer random Llama classifier (3 labels) saved to disk."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=24, vocab_size=32, num_labels=3, pad_token_id=0)
+    path = tmp_path_factory.mktemp("tiny_classifier")
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    return str(path)
+
+
+def stacked_tiny_classifier(path: str, peers: int):
+    """``peers`` DoRA adapters (q, v; the head saved) stacked over the tiny classifier, B made non-zero."""
+    from transformers import LlamaForSequenceClassification
+
+    from d2ora import DoRAConfig, attach
+    from d2ora.engine.peers import PeerModel
+
+    model = LlamaForSequenceClassification.from_pretrained(path).eval()
+    attach(model, DoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"], init_seed=0))
+    stacked = PeerModel(model, peers)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in stacked.layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+    return stacked
+
+
+def tiny_features(seed: int, peers: int) -> list[list[dict]]:
+    """Two random 6-token examples (3 labels) per peer."""
+    g = torch.Generator().manual_seed(seed)
+    return [[{"input_ids": torch.randint(1, 32, (6,), generator=g).tolist(), "attention_mask": [1] * 6,
+              "labels": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(2)] for _ in range(peers)]

@@ -14,11 +14,10 @@ from typer.testing import CliRunner
 from d2ora.cli import app
 from d2ora.engine import checkpoint as checkpoint_module
 from d2ora.engine.checkpoint import CheckpointError, rank_dir
-from d2ora.engine.host import PeerHost
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
-from tests.conftest import simulate_config
+from tests.conftest import crash_at_local_step, simulate_config
 
 TINY = {
     "peers": 4, "rounds": 3, "local_steps": 2, "batch_size": 2, "max_length": 24, "max_train_samples": 90,
@@ -39,16 +38,7 @@ class Crash(RuntimeError):
 
 def crash_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
     """The process dies in the middle of a round: the ``calls``-th local step raises."""
-    original = PeerHost.local_step
-    count = {"n": 0}
-
-    def failing(self, sequential=False):
-        count["n"] += 1
-        if count["n"] == calls:
-            raise Crash("power cut")
-        return original(self, sequential)
-
-    monkeypatch.setattr(PeerHost, "local_step", failing)
+    crash_at_local_step(monkeypatch, calls, Crash)
 
 
 def rows_without_time(out: Path) -> list[dict]:

@@ -164,7 +164,7 @@ def test_processes_with_different_configs_refuse_to_start(tiny_bert_dir: str, tm
     other = write_config(tmp_path / "b.yaml", base_config(tiny_bert_dir, lr=1e-3, r=4))
     outputs = [finish(p) for p in spawn([same, other], tmp_path / "out")]
     for output in outputs:
-        assert "process 1 runs a different config from process 0 (differs in: lr, r)" in output, output[-2000:]
+        assert "process 1 runs a different config from process 0 (differs in: adapter.r, optim.lr)" in output, output[-2000:]
         assert "Traceback" not in output
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 

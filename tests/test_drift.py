@@ -9,18 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from d2ora import DoRAConfig, attach
 from d2ora.data.tasks import ClassificationTask
 from d2ora.engine.drift import LocalCorrection, kept_coordinates, tangent_factors
-from d2ora.engine.host import PeerHost
 from d2ora.engine.local_steps import LocalTrainer
 from d2ora.engine.metrics_log import read_rows
 from d2ora.engine.peers import PeerModel
 from d2ora.recipes.simulate import simulate
-from d2ora.recipes.simulate_config import SimulateConfig
-from tests.conftest import simulate_config
+from tests.conftest import crash_at_local_step, simulate_config, stacked_tiny_classifier, tiny_features
 
 PEERS = 3
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
@@ -30,31 +26,12 @@ TASK = ClassificationTask(label_names=["a", "b", "c"])
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         intermediate_size=24, vocab_size=32, num_labels=3, pad_token_id=0)
-    path = tmp_path_factory.mktemp("tiny_drift")
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    return str(path)
-
-
 def peer_model(path: str) -> PeerModel:
-    model = LlamaForSequenceClassification.from_pretrained(path).eval()
-    attach(model, DoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"], init_seed=0))
-    peers = PeerModel(model, PEERS)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in peers.layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-    return peers
+    return stacked_tiny_classifier(path, PEERS)
 
 
 def features(seed: int) -> list[list[dict]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[{"input_ids": torch.randint(1, 32, (6,), generator=g).tolist(), "attention_mask": [1] * 6, "labels": int(torch.randint(0, 3, (1,), generator=g))}
-             for _ in range(2)] for _ in range(PEERS)]
+    return tiny_features(seed, PEERS)
 
 
 def trainer(peers: PeerModel, **kw) -> LocalTrainer:
@@ -75,13 +52,13 @@ class ProximalTask:
         return losses + 0.5 * self.mu * prox
 
 
-def test_fedprox_hook_equals_the_explicit_proximal_loss(tiny_dir: str) -> None:
+def test_fedprox_hook_equals_the_explicit_proximal_loss(one_layer_classifier_dir: str) -> None:
     mu = 0.7
-    ours = peer_model(tiny_dir)
+    ours = peer_model(one_layer_classifier_dir)
     correction = LocalCorrection(ours, prox_mu=mu)
     hooked = trainer(ours, correction=correction)
     correction.begin_round()
-    reference = peer_model(tiny_dir)
+    reference = peer_model(one_layer_classifier_dir)
     explicit = trainer(reference)
     explicit.task = ProximalTask(reference, reference.flat(), mu)
     for step in range(3):
@@ -91,16 +68,16 @@ def test_fedprox_hook_equals_the_explicit_proximal_loss(tiny_dir: str) -> None:
     assert moved > 0
     torch.testing.assert_close(ours.flat(), reference.flat(), rtol=1e-5, atol=1e-6)
     # And the term matters: without it the peers end elsewhere.
-    plain_model = peer_model(tiny_dir)
+    plain_model = peer_model(one_layer_classifier_dir)
     plain = trainer(plain_model)
     for step in range(3):
         plain.step(features(step))
     assert (plain_model.flat() - ours.flat()).norm() > 1e-3 * moved
 
 
-def test_qgm_by_hand(tiny_dir: str) -> None:
+def test_qgm_by_hand(one_layer_classifier_dir: str) -> None:
     """m̂ ← β m̂ + (1 − β)(x_r − x_{r+1}) / Σ η; each step moves x by −η β m̂ (hand-computed)."""
-    peers = peer_model(tiny_dir)
+    peers = peer_model(one_layer_classifier_dir)
     beta = 0.8
     corr = LocalCorrection(peers, "qgm", beta=beta)
     start = peers.flat()
@@ -118,8 +95,8 @@ def test_qgm_by_hand(tiny_dir: str) -> None:
     torch.testing.assert_close(peers.flat(), mixed - 0.05 * beta * momentum)
 
 
-def test_corrections_skip_factors_a_mixer_rebases(tiny_dir: str) -> None:
-    peers = peer_model(tiny_dir)
+def test_corrections_skip_factors_a_mixer_rebases(one_layer_classifier_dir: str) -> None:
+    peers = peer_model(one_layer_classifier_dir)
     layout = peers.layout()
     keep = kept_coordinates(layout, factors_replaced=True)
     kinds = {e.kind: bool(keep[e.offset]) for e in layout.entries}
@@ -157,11 +134,11 @@ def test_tangent_factors_equal_the_dense_tangent_projection() -> None:
     torch.testing.assert_close(delta_b @ a + b @ delta_a, m_b @ a + b @ m_a)
 
 
-def test_qgm_carries_factor_momentum_through_a_rebasing_mix(tiny_dir: str) -> None:
+def test_qgm_carries_factor_momentum_through_a_rebasing_mix(one_layer_classifier_dir: str) -> None:
     """Under a re-basing mixer QGM's A/B momentum is β·(old momentum's product change) + (1 − β)·(the
     round's product move)/Σ η, projected onto the tangent space at the new factors (dense reference);
     the magnitudes and the head follow the flat rule."""
-    peers = peer_model(tiny_dir)
+    peers = peer_model(one_layer_classifier_dir)
     layout = peers.layout()
     beta, lr = 0.7, 0.1
     corr = LocalCorrection(peers, "qgm", beta=beta, factors_replaced=True)
@@ -192,8 +169,8 @@ def test_qgm_carries_factor_momentum_through_a_rebasing_mix(tiny_dir: str) -> No
     assert not LocalCorrection(peers, "kgt", factors_replaced=True).transport_factors
 
 
-def test_bad_correction_settings(tiny_dir: str) -> None:
-    peers = peer_model(tiny_dir)
+def test_bad_correction_settings(one_layer_classifier_dir: str) -> None:
+    peers = peer_model(one_layer_classifier_dir)
     with pytest.raises(ValueError, match="unknown drift correction 'momentum'"):
         LocalCorrection(peers, "momentum")
     with pytest.raises(ValueError, match="drift_beta"):
@@ -244,19 +221,10 @@ def test_kgt_doubles_the_bytes_and_its_corrections_sum_to_zero(plain_run: Path, 
 
 def test_qgm_run_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     straight = simulate(simulate_config(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "straight"))
-    original = PeerHost.local_step
-    count = {"n": 0}
-
-    def failing(self, sequential=False):
-        count["n"] += 1
-        if count["n"] == TINY["local_steps"] + 1:  # dies in round 2
-            raise RuntimeError("power cut")
-        return original(self, sequential)
-
-    monkeypatch.setattr(PeerHost, "local_step", failing)
+    crash_at_local_step(monkeypatch, TINY["local_steps"] + 1)  # dies in round 2
     with pytest.raises(RuntimeError, match="power cut"):
         simulate(simulate_config(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "resumed"))
-    monkeypatch.setattr(PeerHost, "local_step", original)
+    monkeypatch.undo()
     resumed = simulate(simulate_config(**{**TINY, "mixer": "decaf"}, drift="qgm", output_dir=tmp_path / "resumed"), resume=True)
     assert resumed["final"]["consensus_test"] == straight["final"]["consensus_test"]
     assert resumed["final"]["train_loss"] == straight["final"]["train_loss"]

@@ -18,7 +18,6 @@ from d2ora.engine.label_prior import FLOOR, log_prior_offsets
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.session import open_session
 from d2ora.recipes.simulate import simulate
-from d2ora.recipes.simulate_config import SimulateConfig
 from tests.conftest import simulate_config
 
 

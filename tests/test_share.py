@@ -13,7 +13,6 @@ from d2ora.engine.layout import AdapterLayout
 from d2ora.engine.metrics_log import read_rows
 from d2ora.engine.share import SharedPartsExchange, message_numel, shared_mask
 from d2ora.recipes.simulate import simulate
-from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.topology import build_topology, mixing_matrix
 from tests.conftest import simulate_config
 

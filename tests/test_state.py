@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load, save
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from d2ora import DoRAConfig, attach
 from d2ora.data.tasks import ClassificationTask
 from d2ora.engine import state as component_state
 from d2ora.engine.drift import LocalCorrection
 from d2ora.engine.local_steps import LocalTrainer, PeerSampler
 from d2ora.engine.peer_values import MetricColumns, PeerRoundValues
 from d2ora.engine.peers import PeerModel
+from tests.conftest import stacked_tiny_classifier, tiny_features
 
 PEERS = 3
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
@@ -63,31 +62,12 @@ def test_a_sampler_refuses_state_for_other_peers() -> None:
 
 # --- the trainer and the drift correction ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                         intermediate_size=24, vocab_size=32, num_labels=3, pad_token_id=0)
-    path = tmp_path_factory.mktemp("tiny_state")
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    return str(path)
-
-
 def peer_model(path: str) -> PeerModel:
-    model = LlamaForSequenceClassification.from_pretrained(path).eval()
-    attach(model, DoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["score"], init_seed=0))
-    peers = PeerModel(model, PEERS)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for layer in peers.layers.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
-    return peers
+    return stacked_tiny_classifier(path, PEERS)
 
 
 def features(seed: int) -> list[list[dict]]:
-    g = torch.Generator().manual_seed(seed)
-    return [[{"input_ids": torch.randint(1, 32, (6,), generator=g).tolist(), "attention_mask": [1] * 6,
-              "labels": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(2)] for _ in range(PEERS)]
+    return tiny_features(seed, PEERS)
 
 
 def make_trainer(peers: PeerModel, correction: LocalCorrection | None = None) -> LocalTrainer:
@@ -96,10 +76,10 @@ def make_trainer(peers: PeerModel, correction: LocalCorrection | None = None) ->
                         weight_decay=0.01, max_grad_norm=0.5, correction=correction)
 
 
-def test_a_restored_trainer_continues_exactly(tiny_dir: str) -> None:
+def test_a_restored_trainer_continues_exactly(one_layer_classifier_dir: str) -> None:
     """AdamW's moments and step counts (by parameter name), the groups' rates and the scheduler's
     position: a fresh trainer loading them steps exactly as the uninterrupted one."""
-    model = peer_model(tiny_dir)
+    model = peer_model(one_layer_classifier_dir)
     reference = make_trainer(model)
     for step in range(3):
         reference.step(features(step))
@@ -114,7 +94,7 @@ def test_a_restored_trainer_continues_exactly(tiny_dir: str) -> None:
     for step in range(3, 7):
         reference.step(features(step))
 
-    other_model = peer_model(tiny_dir)
+    other_model = peer_model(one_layer_classifier_dir)
     other = make_trainer(other_model)
     other_model.load_flat(adapters)
     other.load_state_dict(saved)
@@ -130,14 +110,14 @@ def test_a_restored_trainer_continues_exactly(tiny_dir: str) -> None:
             assert torch.equal(state[key], expected[key]) and state[key].device == expected[key].device, key
 
 
-def test_a_trainer_refuses_state_for_other_parameters(tiny_dir: str) -> None:
-    model = peer_model(tiny_dir)
+def test_a_trainer_refuses_state_for_other_parameters(one_layer_classifier_dir: str) -> None:
+    model = peer_model(one_layer_classifier_dir)
     trainer = make_trainer(model)
     trainer.step(features(0))
     saved = through_files({"trainer": trainer})["trainer"]
     saved["optimizer.param_groups"][0]["params"][0] = "model.some.other.weight"
     with pytest.raises(ValueError, match="other parameters"):
-        make_trainer(peer_model(tiny_dir)).load_state_dict(saved)
+        make_trainer(peer_model(one_layer_classifier_dir)).load_state_dict(saved)
 
 
 def correction_round(model: PeerModel, trainer: LocalTrainer, correction: LocalCorrection, index: int) -> None:
@@ -152,8 +132,8 @@ def correction_round(model: PeerModel, trainer: LocalTrainer, correction: LocalC
 
 
 @pytest.mark.parametrize("method", ["qgm", "kgt"])
-def test_a_restored_correction_continues_exactly(tiny_dir: str, method: str) -> None:
-    model = peer_model(tiny_dir)
+def test_a_restored_correction_continues_exactly(one_layer_classifier_dir: str, method: str) -> None:
+    model = peer_model(one_layer_classifier_dir)
     correction = LocalCorrection(model, method, beta=0.8, prox_mu=0.1)
     trainer = make_trainer(model, correction)
     for index in range(2):
@@ -164,7 +144,7 @@ def test_a_restored_correction_continues_exactly(tiny_dir: str, method: str) -> 
     for index in range(2, 4):
         correction_round(model, trainer, correction, index)
 
-    other_model = peer_model(tiny_dir)
+    other_model = peer_model(one_layer_classifier_dir)
     other_correction = LocalCorrection(other_model, method, beta=0.8, prox_mu=0.1)
     other = make_trainer(other_model, other_correction)
     other_model.load_flat(adapters)
@@ -176,8 +156,8 @@ def test_a_restored_correction_continues_exactly(tiny_dir: str, method: str) -> 
     assert torch.equal(other_model.flat(), model.flat())
 
 
-def test_correction_state_must_fit(tiny_dir: str) -> None:
-    model = peer_model(tiny_dir)
+def test_correction_state_must_fit(one_layer_classifier_dir: str) -> None:
+    model = peer_model(one_layer_classifier_dir)
     prox_only = LocalCorrection(model, prox_mu=0.1)
     assert prox_only.state_dict() == {}  # FedProx's anchor is set again every round
     prox_only.load_state_dict({})

@@ -259,3 +259,24 @@ def test_minilm_on_bbc_news_beats_the_untrained_model(tmp_path: Path) -> None:
     test = task.tokenize(splits["test"], loaded.tokenizer, cfg.data.max_length)
     loader = DataLoader(test, batch_size=64, collate_fn=task.collator(loaded.tokenizer))
     assert task.evaluate(loaded.model, loader)["accuracy"] == pytest.approx(result["test"]["accuracy"])
+
+
+@pytest.mark.parametrize("base_dropout", [False, True])
+def test_train_mode_keeps_the_base_in_eval_unless_asked(tiny_gpt2_dir: str, base_dropout: bool) -> None:
+    """model.base_dropout: false runs the frozen base in eval mode (its dropout off) while the
+    adapters and saved modules train, the same rule as the peers' local steps in simulate."""
+    from transformers import GPT2LMHeadModel
+
+    from d2ora import DoRAConfig, attach
+    from d2ora.dora.attach import dora_layers
+    from d2ora.recipes.train import _train_mode
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    attach(model, DoRAConfig(r=2, alpha=4, dropout=0.1, target_modules=["c_attn"], modules_to_save=["transformer.ln_f"]))
+    _train_mode(model, base_dropout, ["transformer.ln_f"])
+    adapted = dora_layers(model)
+    inside = {name for layer_name in adapted for name, _ in model.named_modules() if name.startswith(layer_name)}
+    base_dropouts = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and name not in inside]
+    assert base_dropouts and all(m.training == base_dropout for m in base_dropouts)
+    assert all(layer.training for layer in adapted.values())
+    assert model.get_submodule("transformer.ln_f").training

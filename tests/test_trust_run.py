@@ -15,6 +15,7 @@ from d2ora.cli import app
 from d2ora.recipes.simulate import simulate
 from d2ora.trust.audit import verify_run
 from d2ora.trust.ledger import Ledger
+from tests.conftest import crash_at_local_step
 from tests.test_simulate import tiny_config
 
 FAST = {"save_merged": False, "tensorboard": False, "eval_peers": False}
@@ -128,7 +129,6 @@ def test_a_resumed_signed_run_rewinds_its_ledgers_and_still_verifies(tmp_path: P
     run verifies against the roster and ends with an uninterrupted run's adapters."""
     import yaml
 
-    from d2ora.engine.host import PeerHost
     from d2ora.trust.identity import public_key_string, write_private_key
 
     keys = tmp_path / "keys"
@@ -138,15 +138,7 @@ def test_a_resumed_signed_run_rewinds_its_ledgers_and_still_verifies(tmp_path: P
               "mixer": "d2ora", **FAST}
     reference = tmp_path / "reference"
     simulate(tiny_config(reference, **signed))
-    original, calls = PeerHost.local_step, {"n": 0}
-
-    def failing(self, sequential=False):
-        calls["n"] += 1
-        if calls["n"] == 3 * 2 + 1:  # first local step of round 4
-            raise RuntimeError("power cut")
-        return original(self, sequential)
-
-    monkeypatch.setattr(PeerHost, "local_step", failing)
+    crash_at_local_step(monkeypatch, 3 * 2 + 1)  # first local step of round 4
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="power cut"):
         simulate(tiny_config(out, **signed))
@@ -202,7 +194,6 @@ def test_a_resumed_attack_run_continues_like_the_uninterrupted_one(tmp_path: Pat
     the rejection counts in summary.json cover the whole run, not only its resumed part."""
     import yaml
 
-    from d2ora.engine.host import PeerHost
     from d2ora.trust.identity import load_roster, public_key_string, write_private_key
 
     keys = tmp_path / "keys"
@@ -212,15 +203,7 @@ def test_a_resumed_attack_run_continues_like_the_uninterrupted_one(tmp_path: Pat
               "mixer": "d2ora", "attack": "replay", "byzantine": [1], **FAST}
     reference = simulate(tiny_config(tmp_path / "reference", **signed))
     assert reference["trust"]["rejected_by_sender"] == {"1": {"replay": 4}}  # rounds 2 and 3, two neighbours each
-    original, calls = PeerHost.local_step, {"n": 0}
-
-    def failing(self, sequential=False):
-        calls["n"] += 1
-        if calls["n"] == 2 * 2 + 1:  # first local step of round 3, after round 2's checkpoint
-            raise RuntimeError("power cut")
-        return original(self, sequential)
-
-    monkeypatch.setattr(PeerHost, "local_step", failing)
+    crash_at_local_step(monkeypatch, 2 * 2 + 1)  # first local step of round 3, after round 2's checkpoint
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="power cut"):
         simulate(tiny_config(out, **signed))

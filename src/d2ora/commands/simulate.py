@@ -107,7 +107,7 @@ def compare(
 ) -> None:
     """Run several mixers (over one or more seeds) with everything else equal and print one table.
 
-    The report goes to --output-dir, else the config's output_dir (runs/compare by default).
+    The report goes to --output-dir, else the config's run.output_dir (runs/compare by default).
     """
     from d2ora.recipes.compare import compare as run_compare
     from d2ora.recipes.compare import parse_mixers, parse_seeds

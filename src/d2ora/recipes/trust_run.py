@@ -32,7 +32,8 @@ from d2ora.trust.attacks import Adversary
 from d2ora.trust.checks import CHECKS, MessageChecker, Verdict
 from d2ora.trust.envelope import payload_bytes, run_identity
 from d2ora.trust.identity import IdentityError, Member, Roster, load_private_key, load_roster, public_key_string
-from d2ora.trust.ledger import LEDGER_DIR, Ledger, Rejection, file_digests, ledger_path, write_roster
+from d2ora.trust.blocks import BodyError, GenesisBody
+from d2ora.trust.ledger import LEDGER_DIR, Ledger, LedgerError, Rejection, file_digests, ledger_path, write_roster
 from d2ora.trust.rejections import rejected_by_sender
 from d2ora.trust.signed_exchange import SignedExchange
 
@@ -85,9 +86,12 @@ def stored_nonce(output_dir: Path, hosted: Sequence[int]) -> bytes:
         raise IdentityError(f"cannot resume the trust layer: {path} is missing")
     ledger = Ledger.open(path)
     try:
-        return bytes.fromhex(ledger.genesis().body["nonce"])
+        genesis = GenesisBody.from_body(ledger.genesis().body)
+    except BodyError as exc:
+        raise LedgerError(f"cannot resume the trust layer: {path}: {exc}") from None
     finally:
         ledger.close()
+    return bytes.fromhex(genesis.nonce)
 
 
 class TrustRun:
