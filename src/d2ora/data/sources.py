@@ -11,6 +11,11 @@ Sources: the shipped BBC News corpus (``"bbc_news"``), a local file (csv / tsv /
 parquet / txt, optionally compressed: .gz / .bz2 / .xz / .zst) or a folder of ``<class>/*.txt``
 files, an in-memory mapping of columns, or a Hugging Face Hub name when online. Rows without text
 are dropped.
+
+:func:`load_table` reads the same sources with their own columns, for instruction data
+(:mod:`d2ora.data.sft`); :data:`INSTRUCTION_SOURCES` (``"bbc_news_sections"``,
+``"rotten_tomatoes_sentiment"``) name installed corpora as instructions (:mod:`d2ora.data.instructions`),
+read by the ``sft`` task only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from datasets import ClassLabel, Dataset, DatasetDict
 TEXT = "text"
 LABELS = "labels"
 BBC_NEWS = "bbc_news"
+BBC_NEWS_SECTIONS = "bbc_news_sections"  # BBC News as instructions (d2ora.data.instructions; model.task sft)
+ROTTEN_TOMATOES_SENTIMENT = "rotten_tomatoes_sentiment"  # review snippets as instructions (likewise)
+INSTRUCTION_SOURCES = (BBC_NEWS_SECTIONS, ROTTEN_TOMATOES_SENTIMENT)
 SPLITS = ("train", "validation", "test")
 
 # File suffix -> the `datasets` packaged builder that reads it.
@@ -199,6 +207,8 @@ def load_source(
         return _standardise(Dataset.from_dict(dict(source)), text_column, label_column, "in-memory data")
 
     name = str(source)
+    if name in INSTRUCTION_SOURCES:
+        raise DataSourceError(f"data source '{name}' is instruction data (prompt, completion): use model.task=sft")
     if name == BBC_NEWS:
         dataset = load_bbc_news()
         return dataset if label_column is not None else dataset.remove_columns([LABELS])
@@ -218,6 +228,36 @@ def load_source(
     if _looks_like_path(name):
         raise DataSourceError(f"data file not found: {path}")
     return _standardise(_load_hub(name, split), text_column, label_column, name)
+
+
+def load_table(source: str | Path | Mapping[str, Sequence[Any]] | Dataset, *, split: str = "train") -> Dataset:
+    """A source's rows with their own columns, not reduced to ``text`` (+ ``labels``): what
+    instruction data (``messages``, ``instruction`` / ``output``, ``prompt`` / ``completion``) needs.
+    The same sources as :func:`load_source`; a ``.txt`` file or a folder gives a ``text`` column."""
+    if isinstance(source, Dataset):
+        return source
+    if isinstance(source, Mapping):
+        lengths = {k: len(v) for k, v in source.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataSourceError(f"in-memory data columns differ in length: {lengths}")
+        return Dataset.from_dict(dict(source))
+    name = str(source)
+    if name == BBC_NEWS:
+        return load_bbc_news()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return load_text_folder(path)
+    if path.is_file():
+        builder = _file_builder(path)
+        if builder is None:
+            raise DataSourceError(
+                f"data file {path}: unsupported type '{''.join(path.suffixes) or path.name}' "
+                f"(use {', '.join(sorted(_BUILDERS))}, optionally compressed as {', '.join(_COMPRESSIONS)})"
+            )
+        return _load_file(path, builder)
+    if _looks_like_path(name):
+        raise DataSourceError(f"data file not found: {path}")
+    return _load_hub(name, split)
 
 
 # ------------------------------------------------------------------------------------------- splits

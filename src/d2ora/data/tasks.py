@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from datasets import ClassLabel, Dataset
 from torch import nn
 
+from d2ora.data.losses import peer_token_nll
 from d2ora.data.sources import LABELS, TEXT, DataSourceError
 
-TaskName = Literal["classification", "causal_lm"]
+TaskName = Literal["classification", "causal_lm", "sft"]  # sft: d2ora.data.sft_task
 IGNORE_INDEX = -100  # positions the loss skips (PyTorch's and transformers' convention)
 INPUT_KEYS = ("input_ids", "attention_mask")
 CLASS_LABELS = "class_labels"
@@ -96,6 +97,14 @@ class Task(ABC):
         """``(peers,)`` training losses of a peer-major batch (rows ``[k·b, (k+1)·b)`` are peer k's),
         each the mean over that peer's own examples / target tokens, exactly as :meth:`loss` on
         the peer's rows alone. Their sum has each peer's own gradient in that peer's parameters."""
+
+    def peer_loss_units(self, batch: Batch, peers: int) -> torch.Tensor:
+        """``(peers,)`` how many terms each peer's mean in :meth:`peer_losses` averages over: its
+        examples here. Gradient accumulation weights each micro-batch's losses by these, so the
+        accumulated loss is the mean over every term of the step; a task whose loss is a mean over
+        tokens overrides this with its target-token counts (as :class:`CausalLMTask` does)."""
+        rows = batch["input_ids"].shape[0]
+        return torch.full((peers,), rows // peers, dtype=torch.float64)
 
 
 @dataclass
@@ -244,12 +253,13 @@ class CausalLMTask(Task):
         return nll / max(count, 1)
 
     def peer_losses(self, model: nn.Module, batch: Batch, peers: int) -> torch.Tensor:
-        logits = model(**_model_inputs(batch)).logits[:, :-1, :].float()
-        targets = batch[LABELS][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        per_peer_sum = nll.reshape(peers, -1).sum(dim=1)
-        per_peer_tokens = (targets != IGNORE_INDEX).reshape(peers, -1).sum(dim=1).clamp_min(1)
-        return per_peer_sum / per_peer_tokens
+        # Head + cross-entropy in chunks of tokens: every peer's fp32 logits never exist at once.
+        per_peer_sum, per_peer_tokens = peer_token_nll(model, _model_inputs(batch), batch[LABELS], peers)
+        return per_peer_sum / per_peer_tokens.clamp_min(1)
+
+    def peer_loss_units(self, batch: Batch, peers: int) -> torch.Tensor:
+        """Each peer's target tokens: its loss is a mean over them."""
+        return (batch[LABELS][:, 1:] != IGNORE_INDEX).reshape(peers, -1).sum(dim=1).to(torch.float64)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict[str, float]:
@@ -271,12 +281,18 @@ class CausalLMTask(Task):
         return {"perplexity": perplexity(mean_nll), "loss": mean_nll, "tokens": tokens}
 
 
-def make_task(name: TaskName, dataset: Dataset | None = None) -> Task:
-    """The task called ``name``; classification reads its label names from ``dataset``."""
+def make_task(name: TaskName, dataset: Dataset | None = None, *, train_on_prompt: bool = False) -> Task:
+    """The task called ``name``; classification reads its label names from ``dataset``;
+    ``train_on_prompt`` is sft's (loss on every token, not only the assistant's)."""
     if name == "classification":
         if dataset is None:
             raise ValueError("classification needs a labelled dataset to read its label names from")
         return ClassificationTask.from_dataset(dataset)
     if name == "causal_lm":
         return CausalLMTask()
-    raise ValueError(f"unknown task '{name}'; use 'classification' or 'causal_lm'")
+    if name == "sft":
+        # Imported here, not at the top: SFTTask builds on CausalLMTask, defined above.
+        from d2ora.data.sft_task import SFTTask
+
+        return SFTTask(train_on_prompt=train_on_prompt)
+    raise ValueError(f"unknown task '{name}'; use 'classification', 'causal_lm' or 'sft'")

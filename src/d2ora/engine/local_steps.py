@@ -8,10 +8,22 @@ element-wise, so one optimizer over the stacks is P independent optimizers.
 
 ``step(..., sequential=True)`` runs the same step one peer at a time (each peer's batch padded on
 its own): the reference the peer-batched path is checked against.
+
+Gradient accumulation (``grad_accum`` = G > 1) splits every peer's examples of a step into G
+micro-batches (peer k's part j is the j-th of G near-equal slices of its examples, the same slice
+sizes for every peer, so each micro-batch stays peer-major with equal counts) and runs a forward
+and backward per micro-batch before the one clipped AdamW step. Micro-batch j's per-peer mean loss
+is weighted by ``u_jk / Σ_j u_jk``, u the terms it averages over (examples, or target tokens for a
+causal LM: ``Task.peer_loss_units``), so the accumulated loss of peer k *is* its mean loss over
+all the step's examples (token-weighted for a causal LM), the loss of one big batch, and so is its
+gradient, up to float summation order (each micro-batch is padded to its own longest row, which
+changes no unpadded position). Clipping and AdamW then see the big batch's gradient. With dropout
+on (adapter or ``base_dropout``) the masks differ, so equality then holds in distribution only.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -19,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from d2ora.activation_checkpointing import enable_checkpointing
 from d2ora.data.tasks import Batch, Task
 from d2ora.engine.peers import PeerModel
 from d2ora.optim import adamw_groups, linear_schedule
@@ -168,7 +181,11 @@ class LocalTrainer:
         device: torch.device | str = "cpu",
         correction: StepCorrection | None = None,
         logit_offsets: torch.Tensor | None = None,
+        grad_accum: int = 1,
+        gradient_checkpointing: bool = False,
     ) -> None:
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be at least 1, got {grad_accum}")
         if logit_offsets is not None and logit_offsets.shape[0] != peer_model.peers:
             raise ValueError(f"logit offsets for {logit_offsets.shape[0]} peers, the model holds {peer_model.peers}")
         self.peer_model = peer_model
@@ -189,6 +206,9 @@ class LocalTrainer:
         self.base_dropout = base_dropout
         self.correction = correction
         self.logit_offsets = logit_offsets
+        self.grad_accum = grad_accum
+        if gradient_checkpointing:
+            enable_checkpointing(peer_model.model)
 
     def _train_mode(self) -> None:
         """Adapters train; the frozen base runs in eval mode unless ``base_dropout``.
@@ -206,6 +226,20 @@ class LocalTrainer:
         peers = self.peer_model.peers
         return [slice(start, min(start + size, peers)) for start in range(0, peers, size)]
 
+    def _micro_slices(self, examples: int) -> list[slice]:
+        """The ``grad_accum`` near-equal parts of each peer's ``examples`` (one part: all of them)."""
+        if examples < self.grad_accum:
+            raise ValueError(f"grad_accum {self.grad_accum} needs at least that many examples per peer per step, got {examples}")
+        bounds = np.linspace(0, examples, self.grad_accum + 1).round().astype(int)
+        return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+    def _peer_losses(self, batch: Batch, group: slice) -> torch.Tensor:
+        model = self.peer_model.model
+        if self.logit_offsets is None:
+            return self.task.peer_losses(model, batch, group.stop - group.start)
+        return self.task.peer_losses(model, batch, group.stop - group.start,
+                                     logit_offset=self.logit_offsets[group].to(self.device))
+
     def step(self, features: Sequence[list[dict[str, Any]]], sequential: bool = False) -> torch.Tensor:
         """One AdamW step of every peer on its own examples ``features[k]`` (equal counts);
         returns the ``(P,)`` losses before the step."""
@@ -216,21 +250,32 @@ class LocalTrainer:
         if len(sizes) != 1 or 0 in sizes:
             # Stacked layers split rows evenly by peer: unequal counts would hand rows to the wrong peer.
             raise ValueError(f"every peer needs the same positive number of examples per step, got {[len(f) for f in features]}")
-        model = self.peer_model.model
         self._train_mode()
         self.optimizer.zero_grad(set_to_none=True)
         losses = torch.empty(peers)
+        parts = self._micro_slices(sizes.pop())
         for group in self._groups(sequential):
-            rows = [example for k in range(group.start, group.stop) for example in features[k]]
-            batch = {key: value.to(self.device) for key, value in self.collate(rows).items()}
+            batches = [
+                {key: value.to(self.device) for key, value in self.collate(
+                    [example for k in range(group.start, group.stop) for example in features[k][part]]).items()}
+                for part in parts
+            ]
+            # Backward inside serving(group): gradient checkpointing replays the forward there.
             with self.peer_model.serving(group):
-                if self.logit_offsets is None:
-                    peer_losses = self.task.peer_losses(model, batch, group.stop - group.start)
-                else:
-                    peer_losses = self.task.peer_losses(model, batch, group.stop - group.start,
-                                                        logit_offset=self.logit_offsets[group].to(self.device))
-            peer_losses.sum().backward()
-            losses[group] = peer_losses.detach().float().cpu()
+                if len(batches) == 1:
+                    peer_losses = self._peer_losses(batches[0], group)
+                    peer_losses.sum().backward()
+                    losses[group] = peer_losses.detach().float().cpu()
+                    continue
+                active = group.stop - group.start
+                units = torch.stack([self.task.peer_loss_units(batch, active) for batch in batches])  # (G, active)
+                weights = units / units.sum(dim=0).clamp_min(1)  # the micro-batch's share of each peer's mean
+                total = torch.zeros(active)
+                for batch, weight in zip(batches, weights):
+                    peer_losses = self._peer_losses(batch, group) * weight.to(self.device, torch.float32)
+                    peer_losses.sum().backward()
+                    total += peer_losses.detach().float().cpu()
+                losses[group] = total
         if self.correction is not None:
             self.correction.adjust_gradients()  # FedProx's proximal gradient, clipped with the rest
         if self.max_grad_norm is not None:

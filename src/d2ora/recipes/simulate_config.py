@@ -211,6 +211,8 @@ class SimulateConfig(SectionedConfig):
         "run.eval_batch_size", "run.output_dir", "run.device", "run.peer_group_size", "network.timeout_s",
         "run.checkpoint_every", "run.keep_checkpoints", "run.tensorboard", "run.save_adapters", "run.save_merged",
         "trust.roster", "trust.keys_dir", "trust.key_passphrase_env",
+        # Recomputing activations changes float rounding at most, as peer_group_size does.
+        "model.gradient_checkpointing",
     })
 
     @model_validator(mode="after")

@@ -16,6 +16,7 @@ in a few minutes on a 2-core CPU; set ``data.max_train_samples``, ``data.max_val
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +30,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from d2ora import atomic
+from d2ora.activation_checkpointing import enable_checkpointing
 from d2ora.config_io import to_yaml
+from d2ora.data.sft import load_sft_source
+from d2ora.data.sft_task import SFT, SFTTask, model_task
 from d2ora.data.sources import DataSourceError, load_source, split_dataset, subsample
 from d2ora.data.tasks import Task, make_task
 from d2ora.dora.attach import AttachReport, attach, dora_layers
@@ -105,10 +109,13 @@ def prepare_splits(config: TrainConfig) -> dict[str, Dataset]:
     """Raw train / validation / test splits, capped as configured (stratified for classification)."""
     data, seed = config.data, config.run.seed
     classify = config.model.task == "classification"
-    raw = load_source(
-        data.source, text_column=data.text_column,
-        label_column=data.label_column if classify else None, split=data.split,
-    )
+    if config.model.task == SFT:  # instruction rows -> chat turns
+        raw = load_sft_source(data.source, data.format, label_column=None, split=data.split)
+    else:
+        raw = load_source(
+            data.source, text_column=data.text_column,
+            label_column=data.label_column if classify else None, split=data.split,
+        )
     splits = split_dataset(raw, data.val_fraction, data.test_fraction, seed, stratify=classify)
     caps = {"train": data.max_train_samples, "validation": data.max_val_samples, "test": data.max_test_samples}
     return {name: subsample(splits[name], caps[name], seed, stratify=classify) for name in splits}
@@ -135,6 +142,24 @@ def _train_mode(model: nn.Module, base_dropout: bool, saved_modules: list[str]) 
             layer.train()
         for name in saved_modules:
             model.get_submodule(name).train()
+
+
+def _accumulated_backward(task: Task, model: nn.Module, batch: dict[str, torch.Tensor], grad_accum: int) -> torch.Tensor:
+    """Backward of the batch's mean loss in ``grad_accum`` row slices (micro-batches), each slice's
+    mean weighted by its share of the batch's loss terms (examples, or target tokens for a causal
+    LM), so the gradients add up to the whole batch's; returns the batch's mean loss (detached).
+    A last batch with fewer rows than ``grad_accum`` takes one row per micro-batch."""
+    rows = batch["input_ids"].shape[0]
+    bounds = torch.linspace(0, rows, min(grad_accum, rows) + 1).round().long().tolist()
+    micro = [{k: v[a:b] for k, v in batch.items()} for a, b in itertools.pairwise(bounds)]
+    units = torch.cat([task.peer_loss_units(m, 1) for m in micro])
+    weights = units / units.sum().clamp_min(1)
+    total = torch.zeros(())
+    for m, weight in zip(micro, weights):
+        loss = task.loss(model, m) * float(weight)
+        loss.backward()
+        total += loss.detach().float().cpu()
+    return total
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -183,19 +208,23 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
         splits = prepare_splits(config)  # data first: a bad source fails before a model loads
         # ... and an unwritable output folder fails before the model loads and trains for minutes.
         atomic.ensure_writable_dir(output_dir)
-        task = make_task(task_name, splits["train"])
+        task = make_task(task_name, splits["train"], train_on_prompt=config.data.train_on_prompt)
         label_names = getattr(task, "label_names", None)
-        loaded = load_model(config.model_name, task_name, label_names=label_names, seed=run.seed)
+        loaded = load_model(config.model_name, model_task(task_name), label_names=label_names, seed=run.seed)
         saved = config.adapter.modules_to_save
         if saved is None:
             saved = head_modules(loaded) if task_name == "classification" else []
         report = attach(loaded.model, adapter_for(config.adapter, saved, run.seed))
         console.print(f"[bold]{config.model_name}[/bold] ({task_name}): {report.summary()}")
         tokenised = {name: task.tokenize(ds, loaded.tokenizer, config.data.max_length) for name, ds in splits.items()}
+    if isinstance(task, SFTTask) and task.dropped_line():
+        console.print(f"[yellow]{task.dropped_line()}[/yellow]")  # once, for all three splits
     if len(tokenised["train"]) == 0:
         raise DataSourceError(f"data source '{config.data.name}' leaves no training examples after splitting and tokenising")
 
     model = loaded.model.to(device)
+    if config.model.gradient_checkpointing:
+        enable_checkpointing(model)
     train_loader = _loader(tokenised["train"], task, loaded.tokenizer, optim.batch_size, True, run.seed)
     eval_loaders = {
         name: _loader(tokenised[name], task, loaded.tokenizer, run.eval_batch_size, False, run.seed)
@@ -250,9 +279,13 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
             loss_sum, batches = 0.0, 0
             for batch in train_loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                loss = task.loss(model, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if optim.grad_accum == 1:
+                    loss = task.loss(model, batch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = _accumulated_backward(task, model, batch, optim.grad_accum)
                 if optim.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], optim.max_grad_norm)
                 optimizer.step()
