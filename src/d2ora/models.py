@@ -18,7 +18,7 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,6 +36,57 @@ MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Names transformers gives freshly initialised heads, for checkpoints that already contain one.
 _HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+# The frozen base's precision (``model.base_dtype``). Adapters and saved heads stay fp32 masters.
+BaseDtype = Literal["auto", "fp32", "bf16", "fp16"]
+BASE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def resolve_base_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The torch dtype of ``model.base_dtype`` on ``device``: ``auto`` is bf16 on a CUDA GPU that
+    supports it (Ampere and later), else fp32 (on a CPU bf16 GEMMs are slower than fp32 ones and
+    fp16 is not worth its overflow risk, so the safe default stays exact)."""
+    if name == "auto":
+        device = torch.device(device)
+        if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in BASE_DTYPES:
+        raise ValueError(f"unknown base dtype '{name}'; use auto, {', '.join(BASE_DTYPES)}")
+    return BASE_DTYPES[name]
+
+
+def frozen_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the frozen base: that of its first floating parameter that does not train
+    (adapters and saved heads are trainable fp32 masters, so they never decide it)."""
+    for p in model.parameters():
+        if p.is_floating_point() and not p.requires_grad:
+            return p.dtype
+    return torch.float32
+
+
+def base_autocast(model: nn.Module, device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` at the base's dtype when the frozen base is half precision, else nothing.
+
+    Why autocast and not casts: the fp32 masters (m, A, B, a head) meet half-precision activations
+    in every adapted layer; autocast runs those GEMMs in the base's dtype and keeps the fp32-list
+    ops (softmax, layer norm, cross-entropy) in fp32. An fp32 base gets a null context, so its
+    results stay bit for bit what they were without this option."""
+    dtype = frozen_dtype(model)
+    if dtype not in HALF_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def keep_masters_fp32(model: nn.Module, module_names: list[str]) -> None:
+    """Cast the saved (fully trained) modules back to fp32 master weights over a half-precision
+    base: AdamW updates on bf16 weights lose most small steps to rounding."""
+    for name in module_names:
+        module = model.get_submodule(name)
+        if any(p.dtype in HALF_DTYPES for p in module.parameters()):
+            module.float()
 
 
 def check_device_name(value: str) -> str:

@@ -4,7 +4,9 @@ It is :class:`~d2ora.data.tasks.CausalLMTask` with other targets: the loss (per 
 cross-entropy over that peer's target tokens of a peer-major batch) is the causal task's own,
 over ``labels`` that are ``-100`` on every token but the assistant's (or, with
 ``train_on_prompt``, on padding only). The metric is ``answer_perplexity``: exp of the mean NLL
-over every answer token of a split, whatever ``train_on_prompt`` trains on. The model loads as a
+over every answer token of a split, whatever ``train_on_prompt`` trains on. Next to it,
+``generative_accuracy``: the share of the first ``generate_examples`` examples whose greedy answer
+matches the reference after normalisation (:mod:`d2ora.data.generation`). The model loads as a
 causal LM (:func:`model_task`).
 """
 
@@ -18,6 +20,7 @@ import torch
 from datasets import Dataset
 from torch import nn
 
+from d2ora.data.generation import GENERATIVE_ACCURACY, generate_answers, prompts_and_answers
 from d2ora.data.sft import ANSWER_LABELS, MESSAGES, tokenize_sft
 from d2ora.data.sources import LABELS, DataSourceError
 from d2ora.data.tasks import (
@@ -48,6 +51,12 @@ class SFTTask(CausalLMTask):
     metric: str = ANSWER_PERPLEXITY
     #: examples :meth:`tokenize` dropped because ``max_length`` cut off their whole answer, per call
     dropped: list[int] = field(default_factory=list)
+    #: examples per evaluation answered by greedy decoding (0: no generative accuracy); generation
+    #: is one forward per new token, so on a CPU it is capped (``run.generate_examples``)
+    generate_examples: int = 16
+    #: the tokenizer the collator pads with, kept to decode generated answers (set by :meth:`collator`:
+    #: evaluation batches always come from it, so generation decodes with the tokenizer that encoded them)
+    tokenizer: Any = field(default=None, repr=False, compare=False)
 
     def tokenize(self, dataset: Dataset, tokenizer: Any, max_length: int) -> Dataset:
         if MESSAGES not in dataset.column_names:
@@ -68,6 +77,7 @@ class SFTTask(CausalLMTask):
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], Batch]:
         causal = super().collator(tokenizer)  # pads the inputs; its labels are every real token
+        self.tokenizer = tokenizer
 
         def collate(features: list[dict[str, Any]]) -> Batch:
             batch = causal([{k: f[k] for k in INPUT_KEYS} for f in features])
@@ -85,5 +95,11 @@ class SFTTask(CausalLMTask):
             for batch in batches:
                 yield {**batch, LABELS: batch[ANSWER_LABELS]} if ANSWER_LABELS in batch else batch
 
+        batches = list(batches)  # read twice: perplexity, then the generation prompts
         scores = super().evaluate(model, answer_targets(), device)
-        return {ANSWER_PERPLEXITY: scores.pop("perplexity"), **scores}
+        out = {ANSWER_PERPLEXITY: scores.pop("perplexity"), **scores}
+        if self.tokenizer is not None and self.generate_examples > 0 and hasattr(model, "generate"):
+            items = prompts_and_answers(batches, self.generate_examples)
+            if items:
+                out[GENERATIVE_ACCURACY] = generate_answers(model, self.tokenizer, items, device=device).accuracy
+        return out

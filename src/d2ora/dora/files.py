@@ -407,6 +407,19 @@ def _check_matches_attached(existing: dict[str, DoRALinear], checked: CheckedAda
 
 
 # ------------------------------------------------------------------------------------------------ merge
+def _in_base_dtype(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, object]:
+    """``save_pretrained``'s ``state_dict`` with every float tensor in a half-precision base's dtype.
+
+    Over a bf16 / fp16 base the saved heads (``modules_to_save``) are fp32 masters; the merged model
+    is served in the base's dtype, so it is saved in it (one dtype, as its config says). Nothing
+    for an fp32 base: the save stays exactly what it was."""
+    dtype = next(iter(layers.values())).weight0.dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return {}
+    # .to() returns the same tensor where the dtype already matches, so tied weights stay shared.
+    return {"state_dict": {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}}
+
+
 def merge_and_save(model: nn.Module, directory: str | Path, *, tokenizer=None) -> Path:
     """Save a dense model folder with every adapter merged (W' = g·(W0 + s·BA)).
 
@@ -424,7 +437,7 @@ def merge_and_save(model: nn.Module, directory: str | Path, *, tokenizer=None) -
         try:
             for name, layer in layers.items():
                 set_submodule(model, name, layer.merge())
-            model.save_pretrained(staged, safe_serialization=True)
+            model.save_pretrained(staged, safe_serialization=True, **_in_base_dtype(model, layers))
         finally:
             for name, layer in layers.items():
                 set_submodule(model, name, layer)

@@ -8,6 +8,7 @@ also accepts a leading stack dimension on ``A``, ``B`` and ``m`` (``(P, r, in)``
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,14 +41,25 @@ def factored_row_norms(
     hair below 0, so the square is clamped at 0 before the root. Computed in at least fp32.
     """
     compute = torch.float32 if w0.dtype in (torch.float16, torch.bfloat16) else w0.dtype
-    a = lora_a.to(compute)
-    b = lora_b.to(compute)
-    w0_at = torch.matmul(a, w0.to(compute).transpose(-1, -2)).transpose(-1, -2)  # (.., out, r)
-    a_at = torch.matmul(a, a.transpose(-1, -2))  # (.., r, r)
-    cross = (b * w0_at).sum(dim=-1)
-    quad = (torch.matmul(b, a_at) * b).sum(dim=-1)
-    sq = w0_row_sq.to(compute) + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    return sq.clamp_min(0.0).sqrt()
+    with _no_autocast(w0):
+        a = lora_a.to(compute)
+        b = lora_b.to(compute)
+        w0_at = torch.matmul(a, w0.to(compute).transpose(-1, -2)).transpose(-1, -2)  # (.., out, r)
+        a_at = torch.matmul(a, a.transpose(-1, -2))  # (.., r, r)
+        cross = (b * w0_at).sum(dim=-1)
+        quad = (torch.matmul(b, a_at) * b).sum(dim=-1)
+        sq = w0_row_sq.to(compute) + (2.0 * scaling) * cross + (scaling * scaling) * quad
+        return sq.clamp_min(0.0).sqrt()
+
+
+def _no_autocast(t: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off on ``t``'s device type if it is on: under a bf16 autocast ``matmul`` would run
+    ``W0·Aᵀ`` and ``A·Aᵀ`` in bf16, and the squared-norm expansion cancels badly at bf16's 8 bits
+    (the row norms must be fp32). A null context otherwise, so fp32 runs are untouched."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def dense_row_norms(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -76,11 +88,12 @@ def merged_weight(
 ) -> torch.Tensor:
     """Dense ``W' = g·(W0 + s·BA)`` (DoRA) or ``W0 + s·BA`` (LoRA, ``magnitude=None``), shape (out, in)."""
     compute = torch.float32 if w0.dtype in (torch.float16, torch.bfloat16) else w0.dtype
-    w = w0.to(compute) + scaling * (lora_b.to(compute) @ lora_a.to(compute))
-    if magnitude is not None:
-        norms = torch.linalg.vector_norm(w, dim=-1)
-        w = magnitude_scale(magnitude.to(compute), norms).unsqueeze(-1) * w
-    return w.to(w0.dtype)
+    with _no_autocast(w0):  # the merge is computed in fp32 even if called under autocast
+        w = w0.to(compute) + scaling * (lora_b.to(compute) @ lora_a.to(compute))
+        if magnitude is not None:
+            norms = torch.linalg.vector_norm(w, dim=-1)
+            w = magnitude_scale(magnitude.to(compute), norms).unsqueeze(-1) * w
+        return w.to(w0.dtype)
 
 
 class _ScaleShiftInPlace(torch.autograd.Function):

@@ -11,6 +11,7 @@ import torch
 from d2ora.data.tasks import Batch, Task
 from d2ora.engine.peers import PeerModel
 from d2ora.mixers.base import LayerInputs
+from d2ora.models import base_autocast
 
 
 def evaluate_peers(
@@ -30,7 +31,7 @@ def evaluate_peers(
     for k in chosen:
         twin = next((scores for rep, scores in scored if torch.equal(flat[rep], flat[k])), None)
         if twin is None:
-            with peer_model.serving(slice(k, k + 1)) as model:
+            with peer_model.serving(slice(k, k + 1)) as model, base_autocast(model, device):
                 twin = task.evaluate(model, batches, device)
             scored.append((k, twin))
         results.append(dict(twin))
@@ -46,7 +47,7 @@ def evaluate_each_on_own(
         if not batches:
             results.append(None)
             continue
-        with peer_model.serving(slice(k, k + 1)) as model:
+        with peer_model.serving(slice(k, k + 1)) as model, base_autocast(model, device):
             results.append(task.evaluate(model, batches, device))
     return results
 

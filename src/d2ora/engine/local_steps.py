@@ -34,6 +34,7 @@ from torch import nn
 from d2ora.activation_checkpointing import enable_checkpointing
 from d2ora.data.tasks import Batch, Task
 from d2ora.engine.peers import PeerModel
+from d2ora.models import base_autocast
 from d2ora.optim import adamw_groups, linear_schedule
 
 Collate = Callable[[list[dict[str, Any]]], Batch]
@@ -235,10 +236,13 @@ class LocalTrainer:
 
     def _peer_losses(self, batch: Batch, group: slice) -> torch.Tensor:
         model = self.peer_model.model
-        if self.logit_offsets is None:
-            return self.task.peer_losses(model, batch, group.stop - group.start)
-        return self.task.peer_losses(model, batch, group.stop - group.start,
-                                     logit_offset=self.logit_offsets[group].to(self.device))
+        # Forward only under autocast (a half-precision base; a null context for fp32): the
+        # backward runs outside it, in the dtypes the forward chose, as torch recommends.
+        with base_autocast(model, self.device):
+            if self.logit_offsets is None:
+                return self.task.peer_losses(model, batch, group.stop - group.start)
+            return self.task.peer_losses(model, batch, group.stop - group.start,
+                                         logit_offset=self.logit_offsets[group].to(self.device))
 
     def step(self, features: Sequence[list[dict[str, Any]]], sequential: bool = False) -> torch.Tensor:
         """One AdamW step of every peer on its own examples ``features[k]`` (equal counts);

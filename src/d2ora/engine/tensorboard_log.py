@@ -13,6 +13,8 @@ from pathlib import Path
 from d2ora.engine.records import RoundRecord
 
 DIRECTORY = "tensorboard"
+#: Metrics logged next to the headline one when a task returns them.
+SECONDARY_METRICS = ("generative_accuracy",)
 
 
 class TensorBoardLog:
@@ -46,6 +48,13 @@ class TensorBoardLog:
             mean = evaluation.mean_peer_test
             if mean is not None:
                 self._scalar(f"test/mean_peer_{metric}", mean[metric], step)
+            # Secondary metrics a task reports next to its headline (sft's generative accuracy); named
+            # ones only, so other tasks' event files keep exactly their tags.
+            for extra in SECONDARY_METRICS:
+                if extra != metric and extra in evaluation.consensus_test:
+                    self._scalar(f"test/consensus_{extra}", evaluation.consensus_test[extra], step)
+                    if mean is not None and extra in mean:
+                        self._scalar(f"test/mean_peer_{extra}", mean[extra], step)
             for k, result in enumerate(evaluation.peer_test or []):
                 self._scalar(f"peers/test_{metric}/peer-{k}", result.get(metric), step)
             for k, result in enumerate(evaluation.peer_val):

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from d2ora import atomic
 from d2ora.config_io import to_yaml
+from d2ora.data.generation import sample_answers
 from d2ora.data.partition import format_label_table, label_counts
 from d2ora.engine.checkpoint import Checkpointer
 from d2ora.engine.exchange import Exchange, wire_itemsize
@@ -96,6 +97,8 @@ def run_rounds_and_report(
     config, host, network = session.config, session.host, session.network
     metric = session.data.task.metric
     monitor = collector.is_monitor
+    if hasattr(session.data.task, "generate_examples"):  # sft: the cap on generated answers per evaluation
+        session.data.task.generate_examples = config.run.generate_examples
     listeners: list[Any] = []
     log = board = None
     if monitor:
@@ -144,6 +147,10 @@ def run_rounds_and_report(
         trust.finish(lambda peer: folder_digests(output_dir, ["consensus"]) if peer == 0 else {})
         trust.close()
         summary_extra["trust"] = trust_summary(trust, rejections.reshape(session.peers, session.peers, -1))
+    tokenizer = getattr(session.data.task, "tokenizer", None)
+    if tokenizer is not None and config.run.generate_examples > 0:  # sft: a few answers side by side in the report
+        summary_extra["samples"] = sample_answers(host.peer_model, tokenizer, session.test_batches, row=host.local(0),
+                                                  consensus=state.consensus, device=host.device)
     summary = run_summary(session, log.rows, time.perf_counter() - started, saved, **summary_extra)
     summary.write(output_dir / SUMMARY_FILE)
     report_path = write_run_report(output_dir, summary, log.rows)

@@ -28,7 +28,7 @@ from d2ora.data.sft_task import SFT, model_task
 from d2ora.data.sources import BBC_NEWS
 from d2ora.data.tasks import TaskName
 from d2ora.dora.config import DoRAConfig
-from d2ora.models import DEFAULT_MODEL, check_device_name
+from d2ora.models import DEFAULT_MODEL, BaseDtype, check_device_name
 
 
 class Section(BaseModel):
@@ -87,6 +87,12 @@ class ModelSection(Section):
         False,
         description="Recompute each transformer block's activations in the backward instead of keeping them "
         "(non-reentrant activation checkpointing): less memory, about one more forward per step, the same gradients.",
+    )
+    base_dtype: BaseDtype = Field(
+        "auto",
+        description="Precision of the frozen base: 'fp32', 'bf16', 'fp16', or 'auto' (bf16 on a CUDA GPU that supports it, "
+        "fp32 on CPU). Adapters (m, A, B) and saved heads stay fp32 masters; a half-precision base runs under autocast, "
+        "with DoRA's row norms in fp32.",
     )
 
     @property

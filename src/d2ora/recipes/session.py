@@ -39,7 +39,7 @@ from d2ora.engine.label_prior import log_prior_offsets
 from d2ora.engine.share import SharePolicy
 from d2ora.mixers import LocalMixer, Mixer, is_federated, make_mixer
 from d2ora.mixers.robust import check_neighbourhood, make_robust
-from d2ora.models import LoadedModel, head_modules, load_model
+from d2ora.models import LoadedModel, head_modules, keep_masters_fp32, load_model, resolve_base_dtype
 from d2ora.recipes.sections import adapter_for
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.runtime_support import quiet_datasets
@@ -223,8 +223,9 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
     """Load data and model, attach and stack the adapters of the peers ``block(P)`` this process hosts."""
 
     def load(task: Task) -> LoadedModel:
+        # Loaded straight in the base's dtype: an 8B base is never held in fp32 on the way.
         return load_model(config.model_name, model_task(config.model.task), label_names=getattr(task, "label_names", None),
-                          seed=config.run.seed)
+                          seed=config.run.seed, torch_dtype=resolve_base_dtype(config.model.base_dtype, device))
 
     with quiet_datasets():
         data, loaded = prepare_peer_data(config, load)
@@ -233,6 +234,7 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
     if saved_modules is None:
         saved_modules = head_modules(loaded) if config.model.task == "classification" else []
     report = attach(loaded.model, adapter_for(config.adapter, saved_modules, config.run.seed))
+    keep_masters_fp32(loaded.model, report.modules_to_save)  # m, A, B are fp32 already (DoRALinear)
     peers = len(data.train_shards)
     hosted = block(peers)
     peer_model = PeerModel(loaded.model, len(hosted))

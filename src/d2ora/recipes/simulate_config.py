@@ -157,6 +157,11 @@ class SimulateRunSection(RunSection):
     output_dir: Path = Field(Path("runs/simulate"), description="Report folder.")
     eval_every: int = Field(1, ge=1, description="Evaluate every this many rounds (and always after the last).")
     eval_peers: bool = Field(True, description="Score every peer's own model on the test set (else only the consensus model).")
+    generate_examples: int = Field(
+        16, ge=0,
+        description="sft: test (and validation) examples per evaluation and model answered by greedy decoding for "
+        "generative_accuracy (0: none); about 1.5 s an example for SmolLM2-135M on a 2-core CPU, so it is capped.",
+    )
     save_adapters: bool = Field(True, description="Write every peer's final adapter (PEFT format).")
     save_merged: bool = Field(True, description="Write the merged consensus model (dense, loads without d2ora).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files to output_dir/tensorboard (tensorboard --logdir runs/).")

@@ -38,7 +38,7 @@ from d2ora.data.sources import DataSourceError, load_source, split_dataset, subs
 from d2ora.data.tasks import Task, make_task
 from d2ora.dora.attach import AttachReport, attach, dora_layers
 from d2ora.dora.config import DoRAConfig
-from d2ora.models import LoadedModel, head_modules, load_model
+from d2ora.models import LoadedModel, base_autocast, head_modules, keep_masters_fp32, load_model, resolve_base_dtype
 from d2ora.optim import adamw_groups, linear_schedule
 from d2ora.recipes.sections import DataSection, ModelSection, OptimSection, RunSection, SectionedConfig, adapter_for
 from d2ora.runtime_support import progress_bar, quiet_datasets, resolve_device, seed_everything
@@ -156,7 +156,8 @@ def _accumulated_backward(task: Task, model: nn.Module, batch: dict[str, torch.T
     weights = units / units.sum().clamp_min(1)
     total = torch.zeros(())
     for m, weight in zip(micro, weights):
-        loss = task.loss(model, m) * float(weight)
+        with base_autocast(model, m["input_ids"].device):  # forward only; a null context for an fp32 base
+            loss = task.loss(model, m) * float(weight)
         loss.backward()
         total += loss.detach().float().cpu()
     return total
@@ -210,11 +211,13 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
         atomic.ensure_writable_dir(output_dir)
         task = make_task(task_name, splits["train"], train_on_prompt=config.data.train_on_prompt)
         label_names = getattr(task, "label_names", None)
-        loaded = load_model(config.model_name, model_task(task_name), label_names=label_names, seed=run.seed)
+        loaded = load_model(config.model_name, model_task(task_name), label_names=label_names, seed=run.seed,
+                            torch_dtype=resolve_base_dtype(config.model.base_dtype, device))
         saved = config.adapter.modules_to_save
         if saved is None:
             saved = head_modules(loaded) if task_name == "classification" else []
         report = attach(loaded.model, adapter_for(config.adapter, saved, run.seed))
+        keep_masters_fp32(loaded.model, report.modules_to_save)  # m, A, B are fp32 already (DoRALinear)
         console.print(f"[bold]{config.model_name}[/bold] ({task_name}): {report.summary()}")
         tokenised = {name: task.tokenize(ds, loaded.tokenizer, config.data.max_length) for name, ds in splits.items()}
     if isinstance(task, SFTTask) and task.dropped_line():
@@ -260,7 +263,8 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
     }
 
     def record_epoch(epoch: int, step: int, train_loss: float | None) -> None:
-        val = task.evaluate(model, eval_loaders["validation"], device)
+        with base_autocast(model, device):
+            val = task.evaluate(model, eval_loaders["validation"], device)
         result["history"].append({"epoch": epoch, "step": step, "train_loss": train_loss, "validation": val})
         loss_text = f"train loss {train_loss:.4f}  " if train_loss is not None else ""
         console.print(f"epoch {epoch}: {loss_text}validation {_fmt(val, task.metric)}")
@@ -280,7 +284,8 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
             for batch in train_loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if optim.grad_accum == 1:
-                    loss = task.loss(model, batch)
+                    with base_autocast(model, device):  # forward only; a null context for an fp32 base
+                        loss = task.loss(model, batch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                 else:
@@ -300,7 +305,8 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
             if step >= total_steps:
                 break
 
-    test = task.evaluate(model, eval_loaders["test"], device)
+    with base_autocast(model, device):
+        test = task.evaluate(model, eval_loaders["test"], device)
     console.print(f"test: {_fmt(test, task.metric)}")
     adapter_dir = _save(model, output_dir / ADAPTER_DIR, loaded, task)
     result.update(

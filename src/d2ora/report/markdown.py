@@ -147,6 +147,22 @@ def _rounds_note(last: Row, test_row: Row | None, val_row: Row | None) -> str:
     return ", ".join(f"{what} from round {rnd}" for what, rnd in sources)
 
 
+def _samples_section(summary: RunSummary) -> list[str]:
+    """sft runs: a few test prompts with the reference and each model's greedy answer."""
+    if not summary.samples:
+        return []
+    lines = ["## Generated answers", "",
+             "Greedy answers to the first test prompts (the prompt's last line shown); a dash: not generated.", ""]
+    body = []
+    for s in summary.samples:
+        last_line = next((ln for ln in reversed(s.prompt.strip().splitlines()) if ln.strip()), "")
+        # A whole article in a cell would bury the table: the question is the prompt's end.
+        shown = last_line if len(last_line) <= 120 else last_line[:117] + "..."
+        body.append([shown, s.reference, _shown(s.base), _shown(s.consensus), _shown(s.peer0)])
+    lines.append(_md_table(["prompt", "reference", "base", "consensus", "peer 0"], body, numeric_from=5))
+    return lines
+
+
 def _link_list(paths: Sequence[str], what: str) -> list[str]:
     if not paths:
         return []
@@ -183,6 +199,7 @@ def run_markdown(out_dir: Path, summary: RunSummary, rows: Sequence[Row]) -> str
         "Distances are consensus distances (scientific notation); MB are 10^6 bytes.", "",
         results,
         *_final_peer_section(summary, rows),
+        *_samples_section(summary),
         *_plots_section(RUN_PLOTS, ("metric vs samples seen", "consensus distance", "train loss")),
         *_files_section(out_dir, summary),
     ]

@@ -47,6 +47,19 @@ class TrustSummary(BaseModel):
     seconds: dict[str, float]
 
 
+class AnswerSample(BaseModel):
+    """One test prompt of an ``sft`` run with the reference answer and the greedy answers of the base
+    model, the consensus model and peer 0 (None where that model could not be run)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    prompt: str
+    reference: str
+    base: str | None = None
+    consensus: str | None = None
+    peer0: str | None = None
+
+
 class RunSummary(BaseModel):
     """One run's summary.json. Fields are in the file's key order (the order they are written in).
 
@@ -93,6 +106,7 @@ class RunSummary(BaseModel):
     processes: int | None = None  # d2ora peer only
     backend: str | None = None  # d2ora peer only
     trust: TrustSummary | None = None  # trust runs only
+    samples: list[AnswerSample] | None = None  # sft runs only: a few generated answers side by side
 
     @classmethod
     def read(cls, path: str | Path) -> RunSummary:

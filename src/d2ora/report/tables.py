@@ -54,10 +54,20 @@ from d2ora.report.stats import TARGET_GAP_POINTS, binomial_se, spread
 NOT_REACHED = "not reached"
 
 
+#: sft runs show the consensus model's generative accuracy next to its headline metric.
+GENERATIVE = "generative_accuracy"
+
+
+def _shows_generative(summary: Summary) -> bool:
+    # By task, not by row content: other tasks' tables keep exactly their columns.
+    return summary.task == "sft"
+
+
 def results_headers(summary: Summary) -> list[str]:
     label = metric_label(summary)
     return [
         "round", "samples seen", "train loss (mean)", f"consensus {label}",
+        *(["consensus generative accuracy"] if _shows_generative(summary) else []),
         f"mean peer {label}", "peer min", "peer max",
         *(f"distance {name}" for _, name in DISTANCES), "MB sent (cumulative)",
     ]
@@ -72,6 +82,7 @@ def _results_cells(summary: Summary, row: Row) -> list[str]:
         f"{int(row.get('samples_seen') or 0):,}",
         fmt_float(mean_train_loss(row), 4),
         fmt_metric(summary, consensus_metric(row, metric_name(summary))),
+        *([fmt_float(consensus_metric(row, GENERATIVE), 3)] if _shows_generative(summary) else []),
         fmt_metric(summary, mean), fmt_metric(summary, lo), fmt_metric(summary, hi),
         *(fmt_sci(distance(row, key)) for key, _ in DISTANCES),
         fmt_mb(None if total is None else float(total)),
