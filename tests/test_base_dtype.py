@@ -4,13 +4,11 @@ on an fp32 base."""
 
 from __future__ import annotations
 
-import copy
 import types
 from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -26,21 +24,13 @@ from d2ora.recipes.sections import ModelSection
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.recipes.train import TrainConfig
 from tests.conftest import relative_error
+from tests.test_layer import OneLayer, peft_and_d2ora
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
 
 BF16_TOL = 3e-2  # a few bf16 ulps (2^-8 relative) accumulated over a tiny model (measured: <= 1e-2)
 LAYER_TOL = 1.5e-2  # one layer (measured: about 4e-3 for both d2ora and PEFT against float64)
 R, ALPHA = 4, 8.0
-
-
-class OneLayer(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 def bf16_base(in_f: int = 48, out_f: int = 40) -> OneLayer:
@@ -50,19 +40,7 @@ def bf16_base(in_f: int = 48, out_f: int = 40) -> OneLayer:
 
 def peft_and_d2ora_bf16() -> tuple[nn.Module, nn.Module, DoRALinear]:
     """The same bf16 base wrapped by PEFT's DoRA and by d2ora, with equal nonzero fp32 adapters."""
-    base = bf16_base()
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["proj"], use_dora=True))
-    peft_layer = peft_model.base_model.model.proj
-    ours = DoRALinear(copy.deepcopy(base.proj), r=R, alpha=ALPHA)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        peft_layer.lora_B["default"].weight.normal_(0, 0.2)
-        mag = peft_layer.lora_magnitude_vector["default"].weight
-        mag.mul_(1 + 0.3 * torch.rand_like(mag))  # m away from the norms, so g != 1
-        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
-        ours.lora_B.copy_(peft_layer.lora_B["default"].weight)
-        ours.lora_magnitude_vector.copy_(mag)
-    return peft_model, peft_layer, ours
+    return peft_and_d2ora("linear", False, r=R, alpha=ALPHA, base=bf16_base())
 
 
 # --- 1. against PEFT on the same bf16 base --------------------------------------------------------

@@ -36,9 +36,10 @@ def make_base(kind: str, in_f: int = 40, out_f: int = 24) -> nn.Module:
     return layer
 
 
-def peft_and_d2ora(kind: str, use_rslora: bool, r: int = 6, alpha: float = 12.0):
-    """The same base layer wrapped by PEFT's DoRA and by d2ora, with equal, nonzero adapter values."""
-    base = OneLayer(make_base(kind))
+def peft_and_d2ora(kind: str, use_rslora: bool, r: int = 6, alpha: float = 12.0, base: nn.Module | None = None):
+    """The same base layer (``base``, a ``OneLayer``; default a fresh one of ``kind``) wrapped by
+    PEFT's DoRA and by d2ora, with equal, nonzero adapter values."""
+    base = OneLayer(make_base(kind)) if base is None else base
     peft_model = get_peft_model(
         copy.deepcopy(base),
         LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], use_dora=True, use_rslora=use_rslora,

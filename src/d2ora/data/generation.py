@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2ora.data.tasks import IGNORE_INDEX, Batch
+from d2ora.data.tasks import IGNORE_INDEX, Batch, pad_token_id
 
 GENERATIVE_ACCURACY = "generative_accuracy"
 #: New tokens allowed beyond the longest reference answer (an end-of-turn marker, a stray space).
@@ -82,14 +82,6 @@ def prompts_and_answers(batches: Iterable[Batch], limit: int | None = None, answ
                 end += 1
             out.append(PromptAnswer(prompt=tokens[:start].tolist(), answer=tokens[start:end].tolist()))
     return out
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:  # Llama-style tokenisers ship no pad token
-        return int(tokenizer.eos_token_id)
-    raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token")
 
 
 @torch.no_grad()

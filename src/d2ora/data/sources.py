@@ -185,6 +185,17 @@ def _load_hub(name: str, split: str) -> Dataset:
     return loaded
 
 
+def _supported_builder(path: Path) -> str:
+    """The datasets builder for a local file, or one error line naming the types that load."""
+    builder = _file_builder(path)
+    if builder is None:
+        raise DataSourceError(
+            f"data file {path}: unsupported type '{''.join(path.suffixes) or path.name}' "
+            f"(use {', '.join(sorted(_BUILDERS))}, optionally compressed as {', '.join(_COMPRESSIONS)})"
+        )
+    return builder
+
+
 def load_source(
     source: str | Path | Mapping[str, Sequence[Any]] | Dataset,
     *,
@@ -217,12 +228,7 @@ def load_source(
         dataset = load_text_folder(path)
         return dataset if label_column is not None else dataset.remove_columns([LABELS])
     if path.is_file():
-        builder = _file_builder(path)
-        if builder is None:
-            raise DataSourceError(
-                f"data file {path}: unsupported type '{''.join(path.suffixes) or path.name}' "
-                f"(use {', '.join(sorted(_BUILDERS))}, optionally compressed as {', '.join(_COMPRESSIONS)})"
-            )
+        builder = _supported_builder(path)
         dataset = _load_file(path, builder)
         return _standardise(dataset, TEXT if builder == "text" else text_column, label_column, str(path))
     if _looks_like_path(name):
@@ -248,13 +254,7 @@ def load_table(source: str | Path | Mapping[str, Sequence[Any]] | Dataset, *, sp
     if path.is_dir():
         return load_text_folder(path)
     if path.is_file():
-        builder = _file_builder(path)
-        if builder is None:
-            raise DataSourceError(
-                f"data file {path}: unsupported type '{''.join(path.suffixes) or path.name}' "
-                f"(use {', '.join(sorted(_BUILDERS))}, optionally compressed as {', '.join(_COMPRESSIONS)})"
-            )
-        return _load_file(path, builder)
+        return _load_file(path, _supported_builder(path))
     if _looks_like_path(name):
         raise DataSourceError(f"data file not found: {path}")
     return _load_hub(name, split)

@@ -52,7 +52,8 @@ def _pad_inputs(features: list[dict[str, Any]], pad_token_id: int) -> Batch:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def _pad_token_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its eos token (Llama ships no pad)."""
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     if tokenizer.eos_token_id is not None:  # Llama-style tokenisers ship no pad token
@@ -146,7 +147,7 @@ class ClassificationTask(Task):
         return dataset.map(encode, batched=True, remove_columns=drop, desc="tokenising")
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], Batch]:
-        pad_id = _pad_token_id(tokenizer)
+        pad_id = pad_token_id(tokenizer)
 
         def collate(features: list[dict[str, Any]]) -> Batch:
             batch = _pad_inputs(features, pad_id)
@@ -238,7 +239,7 @@ class CausalLMTask(Task):
         return tokenised.filter(lambda row: len(row["input_ids"]) >= 2, desc="dropping 1-token texts")
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict[str, Any]]], Batch]:
-        pad_id = _pad_token_id(tokenizer)
+        pad_id = pad_token_id(tokenizer)
 
         def collate(features: list[dict[str, Any]]) -> Batch:
             batch = _pad_inputs(features, pad_id)
