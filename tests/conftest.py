@@ -115,6 +115,19 @@ def crash_at_local_step(monkeypatch, calls: int, error: type[Exception] = Runtim
     monkeypatch.setattr(PeerHost, "local_step", failing)
 
 
+@pytest.fixture(scope="module")  # module: its seeding happens where each module's did
+def tiny_classifier_dir(tmp_path_factory) -> str:
+    """A random two-layer Llama classifier (3 labels, pad id 0) saved to disk, so identical fresh copies load."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=48, vocab_size=64, num_labels=3, pad_token_id=0)
+    path = tmp_path_factory.mktemp("tiny_cls")
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def one_layer_classifier_dir(tmp_path_factory) -> str:
     """A one-layer random Llama classifier (3 labels) saved to disk."""

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from d2ora import DoRAConfig, attach
 from d2ora.data.tasks import CausalLMTask, ClassificationTask, Task
@@ -29,16 +29,6 @@ LM_TASK = CausalLMTask()
 Features = list[list[dict[str, Any]]]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=48, vocab_size=64, num_labels=3, pad_token_id=0)
-    path = tmp_path_factory.mktemp("tiny_cls_accum")
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    return str(path)
 
 
 def randomize(peers: PeerModel) -> PeerModel:
@@ -103,11 +93,11 @@ def trainer(peers: PeerModel, task: Task, grad_accum: int, **kwargs: Any) -> Loc
 
 @pytest.mark.parametrize("grad_accum", [2, 3])
 @pytest.mark.parametrize("kind", ["classification", "causal_lm"])
-def test_accumulated_gradients_equal_one_big_batch(kind: str, grad_accum: int, classifier_dir: str, tiny_llama_dir: str) -> None:
+def test_accumulated_gradients_equal_one_big_batch(kind: str, grad_accum: int, tiny_classifier_dir: str, tiny_llama_dir: str) -> None:
     """P=3 peers, 5 examples each in 2 or 3 micro-batches (uneven parts): the accumulated gradient
     of every stacked tensor and the returned per-peer losses equal one big batch's."""
     if kind == "classification":
-        task, make, feats = CLS_TASK, lambda: cls_peers(classifier_dir), features(5, 64, labels=True)
+        task, make, feats = CLS_TASK, lambda: cls_peers(tiny_classifier_dir), features(5, 64, labels=True)
     else:
         task, make, feats = LM_TASK, lambda: lm_peers(tiny_llama_dir), features(5, 128, labels=False)
     expected_losses, expected = reference(make(), task, feats)
@@ -147,11 +137,11 @@ def test_clipped_step_with_accumulation_equals_the_plain_step(tiny_llama_dir: st
     assert relative_error(after_accum, after_plain) < 1e-5
 
 
-def test_too_few_examples_for_the_micro_batches(classifier_dir: str) -> None:
+def test_too_few_examples_for_the_micro_batches(tiny_classifier_dir: str) -> None:
     with pytest.raises(ValueError, match="grad_accum 3"):
-        trainer(cls_peers(classifier_dir), CLS_TASK, 3).step(features(2, 64, labels=True))
+        trainer(cls_peers(tiny_classifier_dir), CLS_TASK, 3).step(features(2, 64, labels=True))
     with pytest.raises(ValueError, match="grad_accum must be at least 1"):
-        trainer(cls_peers(classifier_dir), CLS_TASK, 0)
+        trainer(cls_peers(tiny_classifier_dir), CLS_TASK, 0)
 
 
 def test_config_refuses_more_micro_batches_than_examples() -> None:

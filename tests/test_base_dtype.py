@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from d2ora import DoRAConfig, attach
 from d2ora.config_io import ConfigError, load_config
@@ -97,16 +97,6 @@ PEERS, LABELS = 2, 3
 CLS_CONFIG = DoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"], modules_to_save=["score"], init_seed=0)
 TASK = ClassificationTask(label_names=["a", "b", "c"])
 TOKENIZER = types.SimpleNamespace(pad_token_id=0, eos_token_id=None)
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=48, vocab_size=64, num_labels=LABELS, pad_token_id=0)
-    path = tmp_path_factory.mktemp("tiny_cls_dtype")
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    return str(path)
 
 
 def peers_on(path: str, dtype: torch.dtype) -> PeerModel:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from d2ora import DoRAConfig, attach, dora_layers
 from d2ora.data.tasks import Batch, CausalLMTask, ClassificationTask, Task
@@ -43,17 +43,6 @@ Features = list[list[dict[str, Any]]]
 # --- models and data ------------------------------------------------------------------------------
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier_dir(tmp_path_factory) -> str:
-    """A random tiny Llama classifier saved to disk (pad id 0), so identical fresh copies load."""
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=48, vocab_size=64, num_labels=LABELS, pad_token_id=0)
-    path = tmp_path_factory.mktemp("tiny_cls_local")
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    return str(path)
 
 
 def fresh_classifier(path: str) -> nn.Module:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from peft import PeftModel
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from d2ora import DoRAConfig, attach, load_adapter, save_adapter
 from d2ora.engine.peers import PeerModel
@@ -15,16 +14,6 @@ from d2ora.mixers import make_mixer, mix_stacks
 from tests.conftest import relative_error
 
 PEERS, PER_PEER = 3, 2
-
-
-@pytest.fixture(scope="module")
-def tiny_classifier_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=48, vocab_size=64, num_labels=3, pad_token_id=0)
-    path = tmp_path_factory.mktemp("tiny_cls")
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    return str(path)
 
 
 def fresh(path: str):

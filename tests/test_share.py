@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from d2ora.engine.exchange import InMemoryExchange, Routes
 from d2ora.engine.layout import AdapterLayout
 from d2ora.engine.metrics_log import read_rows
-from d2ora.engine.share import SharedPartsExchange, message_numel, shared_mask
+from d2ora.engine.share import SharedPartsExchange, SharePolicy, shared_mask
 from d2ora.recipes.simulate import simulate
 from d2ora.topology import build_topology, mixing_matrix
 from tests.conftest import simulate_config
@@ -30,7 +30,7 @@ def test_shared_entries_per_mode(share: str, sizes: tuple[int, ...]) -> None:
     mask = shared_mask(LAYOUT, share)
     got = tuple(int(mask[e.offset : e.offset + e.numel].sum()) for e in LAYOUT.entries)
     assert got == sizes
-    assert message_numel(LAYOUT, share) == sum(sizes)
+    assert SharePolicy(LAYOUT, share).message_numel == sum(sizes)
     with pytest.raises(ValueError, match="unknown share 'half'"):
         shared_mask(LAYOUT, "half")
 

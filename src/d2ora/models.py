@@ -28,7 +28,7 @@ from d2ora.data.tasks import TaskName
 MINILM = "minilm"
 SMOLLM2 = "smollm2"
 PRESETS = (MINILM, SMOLLM2)
-DEFAULT_MODEL: dict[str, str] = {"classification": MINILM, "causal_lm": SMOLLM2}
+DEFAULT_MODEL: dict[str, str] = {"classification": MINILM, "causal_lm": SMOLLM2, "sft": SMOLLM2}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The Hub repositories the presets' packaged files come from: what a saved adapter names as its
 # base, since the package folder exists only on the machine that trained it.
@@ -242,6 +242,7 @@ def head_modules(loaded: LoadedModel) -> list[str]:
 _TASK_AUTO_CLASS: dict[str | None, str] = {
     "classification": "AutoModelForSequenceClassification",
     "causal_lm": "AutoModelForCausalLM",
+    "sft": "AutoModelForCausalLM",  # chat fine-tuning trains a plain causal LM (d2ora.data.sft_task)
     None: "AutoModel",
 }
 
@@ -282,7 +283,7 @@ def load_model(
     if safetensors_only:
         kwargs["use_safetensors"] = True
     if task not in _TASK_AUTO_CLASS:
-        raise ModelLoadError(f"unknown task '{task}'; use 'classification' or 'causal_lm'")
+        raise ModelLoadError(f"unknown task '{task}'; use 'classification', 'causal_lm' or 'sft'")
     if task == "classification":
         if not label_names:
             raise ModelLoadError("classification needs label names to size the head")

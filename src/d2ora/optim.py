@@ -6,9 +6,11 @@ them (a leading peer dimension); the grouping rule is the same, shifted by that 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,3 +37,17 @@ def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_r
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def micro_batches(count: int, parts: int) -> list[slice]:
+    """Gradient accumulation's split of ``count`` examples into ``parts`` near-equal consecutive
+    slices (the same for every peer, so each micro-batch stays peer-major with equal counts)."""
+    bounds = np.linspace(0, count, parts + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+
+
+def micro_batch_weights(units: torch.Tensor) -> torch.Tensor:
+    """Each micro-batch's share ``(G, ...)`` of the step's loss terms ``units`` (examples, or target
+    tokens): weighting every micro-batch's mean by it makes the accumulated loss, and its gradient,
+    the mean over the whole batch."""
+    return units / units.sum(dim=0).clamp_min(1)

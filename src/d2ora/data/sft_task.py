@@ -7,7 +7,7 @@ over ``labels`` that are ``-100`` on every token but the assistant's (or, with
 over every answer token of a split, whatever ``train_on_prompt`` trains on. Next to it,
 ``generative_accuracy``: the share of the first ``generate_examples`` examples whose greedy answer
 matches the reference after normalisation (:mod:`d2ora.data.generation`). The model loads as a
-causal LM (:func:`model_task`).
+causal LM (``d2ora.models.load_model`` maps ``sft`` to ``AutoModelForCausalLM``).
 """
 
 from __future__ import annotations
@@ -35,11 +35,6 @@ from d2ora.data.tasks import (
 
 SFT: TaskName = "sft"
 ANSWER_PERPLEXITY = "answer_perplexity"
-
-
-def model_task(task: TaskName) -> TaskName:
-    """The task ``models.load_model`` loads a model for: SFT trains a plain causal LM."""
-    return "causal_lm" if task == SFT else task
 
 
 @dataclass

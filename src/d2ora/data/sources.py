@@ -209,31 +209,22 @@ def load_source(
     folders the columns are fixed, so ``text_column`` / ``label_column`` are not consulted beyond
     whether labels are wanted. ``split`` is the Hub split to read; d2ora makes its own splits later.
     """
-    if isinstance(source, Dataset):
-        return _standardise(source, text_column, label_column, "in-memory dataset")
-    if isinstance(source, Mapping):
-        lengths = {k: len(v) for k, v in source.items()}
-        if len(set(lengths.values())) > 1:
-            raise DataSourceError(f"in-memory data columns differ in length: {lengths}")
-        return _standardise(Dataset.from_dict(dict(source)), text_column, label_column, "in-memory data")
-
-    name = str(source)
+    name = None if isinstance(source, (Dataset, Mapping)) else str(source)
     if name in INSTRUCTION_SOURCES:
         raise DataSourceError(f"data source '{name}' is instruction data (prompt, completion): use model.task=sft")
-    if name == BBC_NEWS:
-        dataset = load_bbc_news()
-        return dataset if label_column is not None else dataset.remove_columns([LABELS])
-    path = Path(name).expanduser()
-    if path.is_dir():
-        dataset = load_text_folder(path)
-        return dataset if label_column is not None else dataset.remove_columns([LABELS])
-    if path.is_file():
-        builder = _supported_builder(path)
-        dataset = _load_file(path, builder)
-        return _standardise(dataset, TEXT if builder == "text" else text_column, label_column, str(path))
-    if _looks_like_path(name):
-        raise DataSourceError(f"data file not found: {path}")
-    return _standardise(_load_hub(name, split), text_column, label_column, name)
+    table = load_table(source, split=split)
+    path = None if name is None else Path(name).expanduser()
+    if name == BBC_NEWS or (path is not None and path.is_dir()):  # fixed columns, already text (+ labels)
+        return table if label_column is not None else table.remove_columns([LABELS])
+    if isinstance(source, (Dataset, Mapping)):
+        origin = "in-memory dataset" if isinstance(source, Dataset) else "in-memory data"
+    elif path is not None and path.is_file():
+        origin = str(path)
+        if _file_builder(path) == "text":  # a .txt file: one line a row, in the builder's own column
+            text_column = TEXT
+    else:
+        origin = name
+    return _standardise(table, text_column, label_column, origin)
 
 
 def load_table(source: str | Path | Mapping[str, Sequence[Any]] | Dataset, *, split: str = "train") -> Dataset:

@@ -23,7 +23,6 @@ on (adapter or ``base_dropout``) the masks differ, so equality then holds in dis
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -35,7 +34,7 @@ from d2ora.activation_checkpointing import enable_checkpointing
 from d2ora.data.tasks import Batch, Task
 from d2ora.engine.peers import PeerModel
 from d2ora.models import base_autocast
-from d2ora.optim import adamw_groups, linear_schedule
+from d2ora.optim import adamw_groups, linear_schedule, micro_batch_weights, micro_batches
 
 Collate = Callable[[list[dict[str, Any]]], Batch]
 
@@ -231,8 +230,7 @@ class LocalTrainer:
         """The ``grad_accum`` near-equal parts of each peer's ``examples`` (one part: all of them)."""
         if examples < self.grad_accum:
             raise ValueError(f"grad_accum {self.grad_accum} needs at least that many examples per peer per step, got {examples}")
-        bounds = np.linspace(0, examples, self.grad_accum + 1).round().astype(int)
-        return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        return micro_batches(examples, self.grad_accum)
 
     def _peer_losses(self, batch: Batch, group: slice) -> torch.Tensor:
         model = self.peer_model.model
@@ -273,7 +271,7 @@ class LocalTrainer:
                     continue
                 active = group.stop - group.start
                 units = torch.stack([self.task.peer_loss_units(batch, active) for batch in batches])  # (G, active)
-                weights = units / units.sum(dim=0).clamp_min(1)  # the micro-batch's share of each peer's mean
+                weights = micro_batch_weights(units)  # the micro-batch's share of each peer's mean
                 total = torch.zeros(active)
                 for batch, weight in zip(batches, weights):
                     peer_losses = self._peer_losses(batch, group) * weight.to(self.device, torch.float32)

@@ -65,11 +65,6 @@ def shared_mask(layout: AdapterLayout, share: str) -> torch.Tensor:
     return mask
 
 
-def message_numel(layout: AdapterLayout, share: str) -> int:
-    """Values per message under ``share``."""
-    return int(shared_mask(layout, share).sum())
-
-
 class SharedPartsExchange:
     """Sends the shared entries of each adapter; hands back whole adapters, completed with the
     receiver's own kept parts."""

@@ -118,7 +118,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         agree(group, "run nonce (ledgers of another run in the folder?)", {"nonce": nonce.hex()})
         trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=round_to_resume,
                          warn=lambda line: console.print(f"[yellow]process {rank}: {escape(line)}[/yellow]"))
-        exchange = trust.wrap(exchange)
+        exchange = trust.wrap(exchange, session.share.message_numel)
         checkpointer.add("trust", trust)  # restored too when resuming
     elif round_to_resume is None and group.is_root:
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one

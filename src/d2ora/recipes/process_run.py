@@ -21,7 +21,6 @@ from d2ora.engine.exchange import Exchange, wire_itemsize
 from d2ora.engine.loop import Collector, LoopState, RoundContext, RoundLoop, RunSettings
 from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.monitor import ConsensusMonitor
-from d2ora.engine.share import message_numel
 from d2ora.engine.tensorboard_log import TensorBoardLog
 from d2ora.recipes.console_view import ConsoleView
 from d2ora.recipes.trust_run import LEDGER_DIR, TrustRun, folder_digests, rejection_summary
@@ -52,7 +51,7 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
     wrong type fails here, at the end of the run that made it, not in a later compare."""
     config, data = session.config, session.data
     layout = session.host.layout
-    message_bytes = message_numel(layout, config.network.share) * wire_itemsize(layout.dtype, wire_dtype(config))
+    message_bytes = session.share.message_numel * wire_itemsize(layout.dtype, wire_dtype(config))
     return RunSummary.model_validate({
         "name": config.run_name, "mixer": "centralized" if config.centralized else config.network.mixer,
         "robust": config.trust.robust, "share": config.network.share, "drift": config.network.drift, "prox_mu": config.network.prox_mu, "logit_adjust": config.network.logit_adjust, "attack": config.trust.attack, "byzantine": config.trust.byzantine, "method": config.method, "r": config.adapter.r, "model": config.model_name,

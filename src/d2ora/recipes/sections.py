@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from d2ora.config_io import set_dotted
 from d2ora.data.sft import SFT_FORMATS, DataFormat
-from d2ora.data.sft_task import SFT, model_task
+from d2ora.data.sft_task import SFT
 from d2ora.data.sources import BBC_NEWS
 from d2ora.data.tasks import TaskName
 from d2ora.dora.config import DoRAConfig
@@ -98,7 +98,7 @@ class ModelSection(Section):
     @property
     def resolved_name(self) -> str:
         """The model to load: the given one, or the task's default."""
-        return self.name or DEFAULT_MODEL[model_task(self.task)]
+        return self.name or DEFAULT_MODEL[self.task]
 
 
 class OptimSection(Section):

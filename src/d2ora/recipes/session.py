@@ -24,7 +24,7 @@ from d2ora import topology as topo
 from d2ora.config_io import ConfigError
 from d2ora.data.partition import PartitionError, partition, split_local
 from d2ora.data.sft import load_sft_source
-from d2ora.data.sft_task import SFT, SFTTask, model_task
+from d2ora.data.sft_task import SFT, SFTTask
 from d2ora.data.sources import DataSourceError, load_source, split_indices, subsample
 from d2ora.data.tasks import CLASS_LABELS, Batch, Task, make_task
 from d2ora.dora.attach import AttachReport, attach
@@ -224,7 +224,7 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
 
     def load(task: Task) -> LoadedModel:
         # Loaded straight in the base's dtype: an 8B base is never held in fp32 on the way.
-        return load_model(config.model_name, model_task(config.model.task), label_names=getattr(task, "label_names", None),
+        return load_model(config.model_name, config.model.task, label_names=getattr(task, "label_names", None),
                           seed=config.run.seed, torch_dtype=resolve_base_dtype(config.model.base_dtype, device))
 
     with quiet_datasets():

@@ -98,7 +98,7 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
         nonce = stored_nonce(output_dir, host.peer_ids) if resume else os.urandom(NONCE_BYTES)
         trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=state.round if resume else None,
                          warn=lambda line: console.print(f"[yellow]{escape(line)}[/yellow]"))
-        exchange = trust.wrap(exchange)
+        exchange = trust.wrap(exchange, session.share.message_numel)
         checkpointer.add("trust", trust)  # restored too when resuming
     elif not resume:
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one

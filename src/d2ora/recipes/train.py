@@ -16,7 +16,6 @@ in a few minutes on a 2-core CPU; set ``data.max_train_samples``, ``data.max_val
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import time
 from pathlib import Path
@@ -33,13 +32,13 @@ from d2ora import atomic
 from d2ora.activation_checkpointing import enable_checkpointing
 from d2ora.config_io import to_yaml
 from d2ora.data.sft import load_sft_source
-from d2ora.data.sft_task import SFT, SFTTask, model_task
+from d2ora.data.sft_task import SFT, SFTTask
 from d2ora.data.sources import DataSourceError, load_source, split_dataset, subsample
 from d2ora.data.tasks import Task, make_task
 from d2ora.dora.attach import AttachReport, attach, dora_layers
 from d2ora.dora.config import DoRAConfig
 from d2ora.models import LoadedModel, base_autocast, head_modules, keep_masters_fp32, load_model, resolve_base_dtype
-from d2ora.optim import adamw_groups, linear_schedule
+from d2ora.optim import adamw_groups, linear_schedule, micro_batch_weights, micro_batches
 from d2ora.recipes.sections import DataSection, ModelSection, OptimSection, RunSection, SectionedConfig, adapter_for
 from d2ora.runtime_support import progress_bar, quiet_datasets, resolve_device, seed_everything
 
@@ -150,10 +149,8 @@ def _accumulated_backward(task: Task, model: nn.Module, batch: dict[str, torch.T
     LM), so the gradients add up to the whole batch's; returns the batch's mean loss (detached).
     A last batch with fewer rows than ``grad_accum`` takes one row per micro-batch."""
     rows = batch["input_ids"].shape[0]
-    bounds = torch.linspace(0, rows, min(grad_accum, rows) + 1).round().long().tolist()
-    micro = [{k: v[a:b] for k, v in batch.items()} for a, b in itertools.pairwise(bounds)]
-    units = torch.cat([task.peer_loss_units(m, 1) for m in micro])
-    weights = units / units.sum().clamp_min(1)
+    micro = [{k: v[part] for k, v in batch.items()} for part in micro_batches(rows, min(grad_accum, rows))]
+    weights = micro_batch_weights(torch.cat([task.peer_loss_units(m, 1) for m in micro]))
     total = torch.zeros(())
     for m, weight in zip(micro, weights):
         with base_autocast(model, m["input_ids"].device):  # forward only; a null context for an fp32 base
@@ -211,7 +208,7 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
         atomic.ensure_writable_dir(output_dir)
         task = make_task(task_name, splits["train"], train_on_prompt=config.data.train_on_prompt)
         label_names = getattr(task, "label_names", None)
-        loaded = load_model(config.model_name, model_task(task_name), label_names=label_names, seed=run.seed,
+        loaded = load_model(config.model_name, task_name, label_names=label_names, seed=run.seed,
                             torch_dtype=resolve_base_dtype(config.model.base_dtype, device))
         saved = config.adapter.modules_to_save
         if saved is None:

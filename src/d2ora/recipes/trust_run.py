@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from d2ora.engine.exchange import Exchange, Routes
 from d2ora.engine.host import PeerHost
-from d2ora.engine.share import message_numel
 from d2ora.recipes.session import wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
 from d2ora.trust.attacks import Adversary
@@ -137,10 +136,10 @@ class TrustRun:
                                        scale=config.trust.attack_scale)
         self.exchange: SignedExchange | None = None
 
-    def wrap(self, inner: Exchange) -> SignedExchange:
-        config = self.config
-        checker = MessageChecker(self.roster, self.routes, self.run_id, message_numel(self.host.layout, config.network.share), self.wire_dtype,
-                                 config.trust.max_update_norm)
+    def wrap(self, inner: Exchange, message_numel: int) -> SignedExchange:
+        """``inner`` signing and checking every message of ``message_numel`` values (the share policy's)."""
+        checker = MessageChecker(self.roster, self.routes, self.run_id, message_numel, self.wire_dtype,
+                                 self.config.trust.max_update_norm)
         self.exchange = SignedExchange(inner, routes=self.routes, keys=self.keys, checker=checker, run_id=self.run_id,
                                        wire_dtype=self.wire_dtype, ledger_head=lambda peer: self.ledgers[peer].head,
                                        adversary=self.adversary)
@@ -154,13 +153,7 @@ class TrustRun:
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"rejections": self.rejections, "seconds": dict(self.seconds)}
         if self.adversary is not None:
-            for receiver, known in self.adversary.knowledge.items():
-                state[f"knowledge.{receiver}"] = sorted(known)  # its senders, also when it accepted none
-                state.update({f"knowledge.{receiver}.{sender}": payload for sender, payload in known.items()})
-            for (sender, receiver), (envelope, payload) in self.adversary.last_sent.items():
-                state[f"last_sent.{sender}.{receiver}.envelope"] = torch.frombuffer(bytearray(envelope), dtype=torch.uint8) \
-                    if envelope else torch.zeros(0, dtype=torch.uint8)
-                state[f"last_sent.{sender}.{receiver}.payload"] = payload
+            state.update(self.adversary.state_dict())
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -169,20 +162,8 @@ class TrustRun:
                              f"{tuple(self.rejections.shape)}")
         self.rejections.copy_(state["rejections"])
         self.seconds.update({k: float(v) for k, v in state["seconds"].items()})
-        if self.adversary is None:
-            return
-        knowledge: dict[int, dict[int, torch.Tensor]] = {}
-        last_sent: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}
-        for key, value in state.items():
-            parts = key.split(".")
-            if parts[0] == "knowledge" and len(parts) == 2:
-                receiver = int(parts[1])
-                knowledge[receiver] = {int(j): state[f"knowledge.{receiver}.{j}"].clone() for j in value}
-            elif parts[0] == "last_sent" and parts[3] == "envelope":
-                sender, receiver = int(parts[1]), int(parts[2])
-                payload = state[f"last_sent.{sender}.{receiver}.payload"].clone()
-                last_sent[(sender, receiver)] = (value.numpy().tobytes(), payload)
-        self.adversary.knowledge, self.adversary.last_sent = knowledge, last_sent
+        if self.adversary is not None:
+            self.adversary.load_state_dict({k: v for k, v in state.items() if k not in ("rejections", "seconds")})
 
     def after_round(self, round_index: int) -> None:
         """One ledger block per hosted peer for the round just mixed."""

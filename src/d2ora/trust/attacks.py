@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -172,4 +173,31 @@ class Adversary:
         """What Byzantine ``receiver`` accepted this step (its knowledge for the next one)."""
         if receiver in self.byzantine:
             self.knowledge[receiver] = {j: p.detach().clone() for j, p in accepted.items()}
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What the hosted Byzantine peers learnt in the last gossip step, which the next round's
+        crafted and replayed messages depend on (d2ora.engine.state's convention: tensors, or JSON)."""
+        state: dict[str, Any] = {}
+        for receiver, known in self.knowledge.items():
+            state[f"knowledge.{receiver}"] = sorted(known)  # its senders, also when it accepted none
+            state.update({f"knowledge.{receiver}.{sender}": payload for sender, payload in known.items()})
+        for (sender, receiver), (envelope, payload) in self.last_sent.items():
+            state[f"last_sent.{sender}.{receiver}.envelope"] = (
+                torch.frombuffer(bytearray(envelope), dtype=torch.uint8) if envelope else torch.zeros(0, dtype=torch.uint8))
+            state[f"last_sent.{sender}.{receiver}.payload"] = payload
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        knowledge: dict[int, dict[int, torch.Tensor]] = {}
+        last_sent: dict[tuple[int, int], tuple[bytes, torch.Tensor]] = {}
+        for key, value in state.items():
+            parts = key.split(".")
+            if parts[0] == "knowledge" and len(parts) == 2:
+                receiver = int(parts[1])
+                knowledge[receiver] = {int(j): state[f"knowledge.{receiver}.{j}"].clone() for j in value}
+            elif parts[0] == "last_sent" and parts[3] == "envelope":
+                sender, receiver = int(parts[1]), int(parts[2])
+                last_sent[(sender, receiver)] = (value.numpy().tobytes(), state[f"last_sent.{sender}.{receiver}.payload"].clone())
+        self.knowledge, self.last_sent = knowledge, last_sent
 
