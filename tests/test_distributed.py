@@ -30,6 +30,7 @@ from d2ora.recipes.simulate import simulate
 from d2ora.recipes.sections import migrate_flat
 from d2ora.recipes.simulate_config import SimulateConfig
 from tests.conftest import minilm_path, simulate_config
+from tests.test_sft import tiny_llama_dir  # noqa: F401 (a fixture: a tiny Llama saved with a word tokenizer)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +145,11 @@ def test_processes_end_with_the_simulators_adapters_and_metrics(tiny_bert_dir: s
     assert_same_run(out, reference, data["peers"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == procs and summary["backend"] == "gloo"
+    # One peak per process, each at least the frozen tiny model's weights (a real process is bigger).
+    assert len(summary["peak_memory_mb"]) == procs and summary["peak_memory_kind"] == "cpu_rss"
+    assert all(mb > 50 for mb in summary["peak_memory_mb"])
     simulated = json.loads((reference / "summary.json").read_text())
+    assert len(simulated["peak_memory_mb"]) == 1
     assert summary["message_bytes"] == simulated["message_bytes"]
     if changes.get("wire_dtype") == "bf16":  # half the bytes of the fp32 adapter
         assert summary["message_bytes"] * 2 == 4 * summary["trainable_params_per_peer"]
@@ -157,6 +162,33 @@ def test_processes_end_with_the_simulators_adapters_and_metrics(tiny_bert_dir: s
     # 1.4 MB (benchmarks/distributed_round.py measures the real ratio).
     messages_per_link = 2 if changes.get("drift") == "kgt" else 1  # K-GT also sends each update Δ
     assert row["wire_bytes"] == messages_per_link * crossing * (summary["message_bytes"] + 64)
+
+
+def test_sft_processes_equal_the_simulator(tiny_llama_dir: str, tmp_path: Path) -> None:
+    """The LLM path under torchrun: chat-format SFT of a Llama-architecture model (answer tokens only,
+    greedy answers for generative accuracy) in 2 processes ends as the simulator's run does."""
+    data = base_config(tiny_llama_dir, peers=4, mixer="decaf", task="sft", max_length=96, max_train_samples=60,
+                       max_test_samples=4, eval_batch_size=4)
+    sectioned = migrate_flat(SimulateConfig, {k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+    sectioned.setdefault("data", {})["source"] = "bbc_news_sections"
+    sectioned.setdefault("run", {})["generate_examples"] = 2
+    reference = tmp_path / "simulated"
+    simulate(SimulateConfig.model_validate({**sectioned, "run": {**sectioned["run"], "output_dir": str(reference)}}))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(sectioned))
+    out = tmp_path / "processes"
+    output = finish(run_torchrun(2, config, out))
+    assert "report:" in output, output[-3000:]
+    for k, (a, b) in enumerate(zip(flat_adapters(out, 4), flat_adapters(reference, 4), strict=True)):
+        assert float((a - b).norm() / b.norm()) < 1e-5, f"peer {k} (or the consensus at 4)"
+    for got, want in zip(read_rows(out), read_rows(reference), strict=True):
+        assert got["bytes_sent"] == want["bytes_sent"]
+        for key in ("answer_perplexity", "generative_accuracy"):
+            assert got["consensus_test"][key] == pytest.approx(want["consensus_test"][key], rel=1e-4), key
+    summary = json.loads((out / "summary.json").read_text())
+    simulated = json.loads((reference / "summary.json").read_text())
+    assert summary["task"] == "sft" and summary["processes"] == 2
+    assert summary["samples"] == simulated["samples"]  # the same greedy answers, word for word
 
 
 def test_processes_with_different_configs_refuse_to_start(tiny_bert_dir: str, tmp_path: Path) -> None:

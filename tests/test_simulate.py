@@ -65,6 +65,8 @@ def test_run_writes_report_metrics_and_files(decaf_run) -> None:
     for name in ("report.md", "metrics.csv", "summary.json", "config.yaml", "plots/metric.png", "plots/consensus.png"):
         assert (out / name).is_file(), name
     assert len(summary["adapters"]) == TINY["peers"]
+    assert len(summary["peak_memory_mb"]) == 1 and summary["peak_memory_mb"][0] > 50  # one process, torch loaded
+    assert "- peak memory per process: " in (out / "report.md").read_text()
     # Round 0: every peer is the same model, so the distances are exactly zero.
     assert rows[0]["consensus_distance"]["product"] == 0
     assert rows[1]["consensus_distance"]["product"] > 0

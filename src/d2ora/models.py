@@ -9,12 +9,17 @@ Presets (shipped as packages, so they work offline):
 
 Anything else is passed to ``from_pretrained``: a local folder, a local ``.gguf`` file, or a Hub
 name (online only).
+
+``quantize`` (``model.quantize``) stores the frozen base's Linear layers in 4-bit NF4 or 8-bit
+LLM.int8() through bitsandbytes (QLoRA's base); the output embeddings / LM head and a
+classification head stay dense, as transformers' own bitsandbytes loader leaves them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +47,10 @@ _HEAD_NAMES = ("classifier", "score", "classification_head")
 BaseDtype = Literal["auto", "fp32", "bf16", "fp16"]
 BASE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# How the frozen base's Linear layers are stored (``model.quantize``); adapters stay dense fp32.
+Quantize = Literal["none", "nf4", "int8"]
+QUANTIZE_KINDS: tuple[str, ...] = ("none", "nf4", "int8")
 
 
 def resolve_base_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -256,6 +265,100 @@ def _auto_class(name: str) -> Any:
     return auto_cls
 
 
+# ----------------------------------------------------------------------------------------- quantize
+def _check_quantize(kind: str) -> None:
+    if kind not in QUANTIZE_KINDS:
+        raise ModelLoadError(f"unknown model.quantize '{kind}'; use {', '.join(QUANTIZE_KINDS)}")
+    if kind != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"model.quantize={kind} needs bitsandbytes, which is not installed: pip install 'd2ora[quantize]'")
+
+
+def bnb_config(kind: str, compute_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``kind``: NF4 with double-quantized statistics
+    (QLoRA's recipe) computing in ``compute_dtype``, or LLM.int8() with its default outlier threshold."""
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _skip_names(model: nn.Module) -> list[str]:
+    """The modules transformers' bitsandbytes loader keeps dense (output embeddings, tied weights, the
+    last module: the LM head or a classification head), so both load paths quantize the same layers."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    return list(get_keys_to_not_convert(model))
+
+
+def quantize_linears(model: nn.Module, kind: str, compute_dtype: torch.dtype,
+                     device: torch.device | str | None = None) -> list[str]:
+    """Replace the model's dense ``nn.Linear`` layers in place by bitsandbytes ``Linear4bit`` (NF4) or
+    ``Linear8bitLt`` (int8), quantized on ``device`` (each layer's own if None) one layer at a time,
+    so a dense copy of the whole model never reaches the device; returns the replaced names.
+
+    Why by hand: transformers refuses a ``quantization_config`` together with a GGUF file
+    ("cannot combine Quantization and loading a model from a GGUF file"), though it de-quantizes
+    GGUF tensors to dense weights anyway. Same settings as :func:`bnb_config`."""
+    import bitsandbytes as bnb
+
+    from d2ora.dora.frozen_base import BASE_DTYPE_ATTR
+
+    skip = _skip_names(model)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or any(name == s or name.endswith("." + s) for s in skip):
+            continue
+        weight, bias, target = module.weight.data, module.bias, torch.device(device or module.weight.device)
+        if kind == "nf4":
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4", device="meta")
+            layer.weight = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, compress_statistics=True, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=bias is not None,
+                                        has_fp16_weights=False, threshold=6.0, device="meta")
+            layer.weight = bnb.nn.Int8Params(weight.to(compute_dtype), requires_grad=False, has_fp16_weights=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        layer = layer.to(target)  # bitsandbytes quantizes a layer when it is moved to its device
+        setattr(layer, BASE_DTYPE_ATTR, compute_dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        replaced.append(name)
+    return replaced
+
+
+class _Int8CastNotice(logging.Filter):
+    """Drops bitsandbytes' "MatMul8bitLt: inputs will be cast ... to float16" warning, which it logs
+    on every int8 GEMM whose input is not fp16 (each layer, each step): the cast is LLM.int8()'s
+    documented behaviour, and the repeats would bury the training log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_notice() -> None:
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8CastNotice) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_Int8CastNotice())
+
+
+def _prepare_quantized(model: nn.Module, dtype: torch.dtype) -> int:
+    """Record the base dtype on every bitsandbytes layer (an int8 layer keeps none of its own), and
+    keep every 4-bit layer in bitsandbytes' standard layout: on an AVX512-BF16 CPU its own forward
+    repacks the weight for inference, a layout that cannot be dequantized by rows (for DoRA's norms)
+    nor moved to a GPU as is. Returns how many layers are quantized."""
+    from d2ora.dora.frozen_base import BASE_DTYPE_ATTR, is_quantized_layer
+
+    layers = [m for m in model.modules() if is_quantized_layer(m)]
+    for layer in layers:
+        setattr(layer, BASE_DTYPE_ATTR, dtype)
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
 def load_model(
     name: str,
     task: TaskName | None,
@@ -266,6 +369,8 @@ def load_model(
     auto_class: str | None = None,
     with_tokenizer: bool = True,
     safetensors_only: bool = False,
+    quantize: Quantize = "none",
+    device: torch.device | str | None = None,
 ) -> LoadedModel:
     """Model + tokenizer for ``task``; a classification head for ``label_names`` is seeded by ``seed``.
 
@@ -274,7 +379,13 @@ def load_model(
     task's (``AutoModel`` for ``None``). ``with_tokenizer=False`` skips the tokenizer (``tokenizer``
     is then None) for folders that hold only weights; ``safetensors_only`` refuses pickle weight
     files (``pytorch_model.bin``: unpickling can run code) instead of falling back to them.
+
+    ``quantize`` ('nf4' / 'int8') loads the base's Linear layers through bitsandbytes, computing in
+    ``torch_dtype`` (fp32 if None), on ``device`` (cpu if None): transformers' ``BitsAndBytesConfig``
+    for a folder or Hub model (quantized while loading, never held dense), and :func:`quantize_linears`
+    after loading for a GGUF file (which transformers cannot combine with a quantization config).
     """
+    _check_quantize(quantize)
     source = resolve_model(name)
     tokenizer = load_tokenizer(source) if with_tokenizer else None
     kwargs = source.from_pretrained_kwargs()
@@ -294,6 +405,11 @@ def load_model(
         )
         if tokenizer is not None:
             kwargs["pad_token_id"] = tokenizer.pad_token_id  # Llama-style heads find the last real token by it
+    compute_dtype = torch_dtype or torch.float32
+    if quantize != "none" and not source.gguf_file:
+        kwargs["quantization_config"] = bnb_config(quantize, compute_dtype)
+        kwargs["dtype"] = compute_dtype  # the dense parts (embeddings, norms, head) too, as without quantize
+        kwargs["device_map"] = {"": str(torch.device(device or "cpu"))}
     auto_cls = _auto_class(auto_class or _TASK_AUTO_CLASS[task])
     torch.manual_seed(seed)  # the new head is drawn from the global RNG: same seed, same head
     try:
@@ -301,5 +417,13 @@ def load_model(
             model, info = auto_cls.from_pretrained(source.path, output_loading_info=True, **kwargs)
     except Exception as exc:
         raise _load_error(source, "model", exc) from exc
+    if quantize == "int8":
+        _quiet_int8_notice()
+    if quantize != "none":
+        if source.gguf_file:
+            quantize_linears(model, quantize, compute_dtype, device or "cpu")
+            model.to(torch.device(device or "cpu"))  # the rest (embeddings, norms, head) follows
+        if not _prepare_quantized(model, compute_dtype):
+            raise ModelLoadError(f"model.quantize={quantize}: '{source.name}' has no Linear layer bitsandbytes could quantize")
     new = _new_modules(model, info.get("missing_keys", ())) if task == "classification" else []
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, new_modules=new)

@@ -19,7 +19,13 @@ Schemes (``partition(..., scheme=...)``):
 - ``"dirichlet"``: label skew controlled by ``alpha`` (small = each peer sees few classes, large =
   close to IID), see :func:`dirichlet_partition`;
 - ``"k_labels"``: each peer holds exactly ``k`` classes (pathological non-IID), see
-  :func:`k_labels_partition`.
+  :func:`k_labels_partition`;
+- ``"by_source"``: the array holds each example's *source* (the file it came from, 0..n_peers-1)
+  instead of a class, and peer ``k`` takes exactly the examples of source ``k``, see
+  :func:`source_partition` (one file per peer, ``data.peer_sources``).
+
+Any integer column can stand for the class: a ``domain`` / ``category`` column of instruction data
+is dealt by ``dirichlet`` or ``k_labels`` exactly as class labels are.
 
 Diagnostics: :func:`label_counts` (peers x classes), :func:`label_skew` (mean total-variation
 distance to the global label distribution: 0 for the global mix, ``1 - p_c`` for a peer holding only
@@ -38,13 +44,14 @@ import numpy as np
 if TYPE_CHECKING:  # rich is imported only when a table is built
     from rich.table import Table
 
-SCHEMES = ("iid", "dirichlet", "k_labels")
+SCHEMES = ("iid", "dirichlet", "k_labels", "by_source")
 
 # Parameters each scheme accepts through :func:`partition` (besides labels, n_peers, seed).
 _SCHEME_PARAMS: dict[str, tuple[str, ...]] = {
     "iid": (),
     "dirichlet": ("alpha", "min_size", "max_tries"),
     "k_labels": ("k",),
+    "by_source": (),
 }
 
 
@@ -256,10 +263,28 @@ def k_labels_partition(labels: np.ndarray, n_peers: int, k: int, seed: int) -> l
     return _finish([np.concatenate(p) for p in parts])
 
 
+# ------------------------------------------------------------------------------------ one source per peer
+def source_partition(sources: np.ndarray, n_peers: int) -> list[np.ndarray]:
+    """Peer ``k`` holds exactly the examples whose source id is ``k`` (the examples read from its
+    own file): no randomness, nothing shared. Every id must be below ``n_peers`` and every peer must
+    have at least one example (:class:`PartitionError` otherwise, naming the peer)."""
+    sources = _as_labels(sources)
+    n_peers = _check_int("n_peers", n_peers)
+    if n_peers < 1:
+        raise PartitionError(f"n_peers must be at least 1, got {n_peers}")
+    if sources.size and sources.max() >= n_peers:
+        raise PartitionError(f"by_source: source id {int(sources.max())} but only {n_peers} peers (one source per peer)")
+    parts = [np.flatnonzero(sources == k) for k in range(n_peers)]
+    empty = [k for k, part in enumerate(parts) if part.size == 0]
+    if empty:
+        raise PartitionError(f"by_source: peer {empty[0]}'s source has no training examples (after the test split and tokenising)")
+    return _finish(parts)
+
+
 # ------------------------------------------------------------------------------------------ dispatch
 def partition(labels: np.ndarray, n_peers: int, scheme: str, seed: int, **params: Any) -> list[np.ndarray]:
-    """Partition by name: ``"iid"``, ``"dirichlet"`` (``alpha``, optional ``min_size``, ``max_tries``)
-    or ``"k_labels"`` (``k``). Scheme names are case-insensitive; ``-`` may stand for ``_``.
+    """Partition by name: ``"iid"``, ``"dirichlet"`` (``alpha``, optional ``min_size``, ``max_tries``),
+    ``"k_labels"`` (``k``) or ``"by_source"`` (``labels`` are then source ids). Scheme names are case-insensitive; ``-`` may stand for ``_``.
 
     One :class:`PartitionError` for an unknown scheme, a missing / unknown parameter, or a bad value
     (``alpha <= 0``, ``n_peers < 1`` or more peers than examples, ...).
@@ -273,6 +298,8 @@ def partition(labels: np.ndarray, n_peers: int, scheme: str, seed: int, **params
     if unknown:
         accepts = ", ".join(allowed) if allowed else "no parameters"
         raise PartitionError(f"partition scheme '{name}' got unknown parameter(s) {', '.join(unknown)}; it accepts {accepts}")
+    if name == "by_source":
+        return source_partition(labels, n_peers)
     _check_peers(n_peers, labels.size)
     if name == "iid":
         return iid_partition(labels.size, n_peers, seed)
@@ -384,5 +411,6 @@ __all__ = [
     "label_counts",
     "label_skew",
     "partition",
+    "source_partition",
     "split_local",
 ]

@@ -60,6 +60,9 @@ DataFormat = Literal["auto", "messages", "alpaca", "prompt_completion", "text"]
 SFT_FORMATS = ("messages", "alpaca", "prompt_completion")
 MESSAGES = "messages"
 ANSWER_LABELS = "answer_labels"
+#: A pool row's index, kept through tokenising (which drops examples) when the run needs to find an
+#: example's conversation again (the label-flip attack rewrites its answer).
+ROW_ID = "row_id"
 ROLES = ("system", "user", "assistant")
 
 #: The template a tokenizer without its own gets (Zephyr's layout; see the module docstring).
@@ -175,6 +178,28 @@ def load_sft_source(source: str | Path | Mapping[str, Sequence[Any]] | Dataset, 
     if label_column not in table.column_names:
         raise DataSourceError(f"{origin}: label column '{label_column}' not found; columns are {table.column_names}")
     return encode_labels(dataset.add_column(label_column, table[label_column]), label_column)
+
+
+def final_answer(messages: Sequence[Mapping[str, str]]) -> str:
+    """The content of the conversation's last assistant turn (the answer a class word would be)."""
+    return next(t["content"] for t in reversed(messages) if t["role"] == "assistant")
+
+
+def with_answer(messages: Sequence[Mapping[str, str]], answer: str) -> list[dict[str, str]]:
+    """A copy of the conversation whose last assistant turn says ``answer`` instead."""
+    out = [dict(t) for t in messages]
+    last = max(i for i, t in enumerate(out) if t["role"] == "assistant")
+    out[last]["content"] = answer
+    return out
+
+
+def answers_are_labels(messages: Sequence[Sequence[Mapping[str, str]]], labels: Sequence[int], names: Sequence[str]) -> int | None:
+    """None when every conversation's final answer is its class's name (surrounding space ignored),
+    else the index of the first one that is not."""
+    for i, (turns, label) in enumerate(zip(messages, labels)):
+        if final_answer(turns).strip() != names[int(label)]:
+            return i
+    return None
 
 
 # ---------------------------------------------------------------------------------------- rendering

@@ -21,7 +21,7 @@ from datasets import Dataset
 from torch import nn
 
 from d2ora.data.generation import GENERATIVE_ACCURACY, generate_answers, prompts_and_answers
-from d2ora.data.sft import ANSWER_LABELS, MESSAGES, tokenize_sft
+from d2ora.data.sft import ANSWER_LABELS, MESSAGES, ROW_ID, tokenize_sft
 from d2ora.data.sources import LABELS, DataSourceError
 from d2ora.data.tasks import (
     CLASS_LABELS,
@@ -58,7 +58,7 @@ class SFTTask(CausalLMTask):
             raise DataSourceError(f"sft needs a '{MESSAGES}' column (d2ora.data.sft.load_sft_source); columns are {dataset.column_names}")
         if LABELS in dataset.column_names:  # class labels stay for label-skewed partitions, out of the model's way
             dataset = dataset.rename_column(LABELS, CLASS_LABELS)
-        keep = [CLASS_LABELS] if CLASS_LABELS in dataset.column_names else []
+        keep = [c for c in (CLASS_LABELS, ROW_ID) if c in dataset.column_names]
         tokenised, dropped = tokenize_sft(dataset, tokenizer, max_length, keep=keep)
         self.dropped.append(dropped)
         return tokenised

@@ -293,6 +293,18 @@ def split_dataset(
     return DatasetDict({name: dataset.select(idx) for name, idx in indices.items()})
 
 
+def quotas(sizes: Sequence[int], n: int) -> np.ndarray:
+    """``n`` slots shared among groups of ``sizes`` in proportion (largest remainder; ties: lower
+    index), so they sum to ``n`` exactly; ``n`` must not exceed ``sum(sizes)``."""
+    total = int(sum(sizes))
+    exact = np.array(sizes, dtype=float) * n / max(total, 1)
+    quota = np.floor(exact).astype(int)
+    # Hand the leftover slots to the groups with the largest fractional parts (ties: lower index).
+    for i in np.argsort(-(exact - quota), kind="stable")[: n - int(quota.sum())]:
+        quota[i] += 1
+    return quota
+
+
 def subsample(dataset: Dataset, n: int | None, seed: int = 0, stratify: bool = True) -> Dataset:
     """At most ``n`` examples, with class proportions kept (largest remainder) when stratifying."""
     if n is None or n >= len(dataset):
@@ -301,10 +313,38 @@ def subsample(dataset: Dataset, n: int | None, seed: int = 0, stratify: bool = T
         raise DataSourceError(f"sample cap must be positive, got {n}")
     rng = np.random.default_rng(seed)
     groups = _class_groups(dataset, stratify)
-    exact = np.array([len(g) for g in groups], dtype=float) * n / len(dataset)
-    quota = np.floor(exact).astype(int)
-    # Hand the leftover slots to the groups with the largest fractional parts (ties: lower class id).
-    for i in np.argsort(-(exact - quota), kind="stable")[: n - int(quota.sum())]:
-        quota[i] += 1
+    quota = quotas([len(g) for g in groups], n)
     chosen = np.concatenate([rng.permutation(g)[:q] for g, q in zip(groups, quota)])
     return dataset.select(rng.permutation(chosen))
+
+
+def _name_order(name: str) -> tuple[int, float, str]:
+    try:  # numeric names in numeric order ("2" before "10"), as _label_names orders numbers
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def align_class_labels(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The same ``labels`` ClassLabel for several sources read apart (one file per peer): each one's
+    names are sorted on its own, so a file lacking a class would number the others differently.
+    The union of the names, sorted (numbers numerically), becomes every dataset's label set, and each
+    dataset's ids are remapped to it. Datasets without ``labels`` are returned as they are, and
+    either all or none must have them."""
+    have = [LABELS in d.column_names for d in datasets]
+    if not any(have):
+        return list(datasets)
+    if not all(have):
+        raise DataSourceError(f"sources {[i for i, h in enumerate(have) if not h]} have no label column while the others do")
+    names = sorted({n for d in datasets for n in d.features[LABELS].names}, key=_name_order)
+    target = ClassLabel(names=names)
+    out = []
+    for dataset in datasets:
+        own = dataset.features[LABELS].names
+        if own == names:
+            out.append(dataset)
+            continue
+        mapping = np.array([names.index(n) for n in own], dtype=np.int64)
+        ids = mapping[np.asarray(dataset[LABELS], dtype=np.int64)].tolist()
+        out.append(dataset.remove_columns([LABELS]).add_column(LABELS, ids).cast_column(LABELS, target))
+    return out

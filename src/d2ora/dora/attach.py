@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from d2ora.dora.config import DoRAConfig
-from d2ora.dora.layer import SUPPORTED_BASE_TYPES, DoRALinear, base_weight_out_in
+from d2ora.dora.layer import SUPPORTED_BASE_TYPES, DoRALinear, base_shape
 
 ALL_LINEAR = "all-linear"
 _CONFIG_ATTR = "_d2ora_config"
@@ -150,7 +150,7 @@ def attach(model: nn.Module, config: DoRAConfig, ranks: dict[str, int] | None = 
     ranks = ranks or {}
     alphas = alphas or {}
     for name in targets:
-        out_f, in_f = base_weight_out_in(model.get_submodule(name)).shape
+        out_f, in_f = base_shape(model.get_submodule(name))
         r = ranks.get(name, config.r)
         if not 0 < r <= min(in_f, out_f):
             raise AttachError(f"module '{name}' ({in_f} -> {out_f}): rank r={r} must be between 1 and {min(in_f, out_f)}")

@@ -11,8 +11,10 @@ Only safetensors is read: a pickle file (``adapter_model.bin``) is refused, neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,8 @@ from d2ora.dora.attach import (
     set_submodule,
 )
 from d2ora.dora.config import DoRAConfig
-from d2ora.dora.layer import SUPPORTED_BASE_TYPES, DoRALinear, base_weight_out_in
+from d2ora.dora.frozen_base import dense_linear, is_quantized_layer
+from d2ora.dora.layer import SUPPORTED_BASE_TYPES, DoRALinear, base_shape
 from d2ora.dora.math import lora_scaling
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -275,7 +278,7 @@ def _check_layer(name: str, base: nn.Module, t: AdapterLayerTensors, use_dora: b
         raise AdapterFileError(f"{source}: module '{name}' has no {missing} weight")
     if use_dora and t.magnitude is None:
         raise AdapterFileError(f"{source}: use_dora is true but '{KEY_PREFIX}{name}.lora_magnitude_vector' is missing")
-    out_f, in_f = base_weight_out_in(base).shape
+    out_f, in_f = base_shape(base)
     r = t.lora_a.shape[0] if t.lora_a.dim() == 2 else -1
     expected = {"lora_A": (r, in_f), "lora_B": (out_f, r), "lora_magnitude_vector": (out_f,)}
     actual = {"lora_A": tuple(t.lora_a.shape), "lora_B": tuple(t.lora_b.shape)}
@@ -413,11 +416,43 @@ def _in_base_dtype(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, 
     Over a bf16 / fp16 base the saved heads (``modules_to_save``) are fp32 masters; the merged model
     is served in the base's dtype, so it is saved in it (one dtype, as its config says). Nothing
     for an fp32 base: the save stays exactly what it was."""
-    dtype = next(iter(layers.values())).weight0.dtype
+    dtype = next(iter(layers.values())).frozen.dtype
     if dtype not in (torch.float16, torch.bfloat16):
         return {}
     # .to() returns the same tensor where the dtype already matches, so tied weights stay shared.
     return {"state_dict": {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}}
+
+
+# What transformers hangs on a model it loaded quantized (bitsandbytes) or from a GGUF file; the
+# quantizer refuses save_pretrained ("... is not serializable") and a saved quantization_config
+# would make the merged folder load quantized again. Mirrors HfQuantizer.remove_quantization_config.
+_QUANTIZER_ATTRS = ("hf_quantizer", "quantization_method", "is_quantized", "is_loaded_in_4bit",
+                    "is_loaded_in_8bit", "_weight_conversions")
+
+
+@contextlib.contextmanager
+def _as_plain_model(model: nn.Module) -> Iterator[None]:
+    """While saving, ``model`` carries no quantizer marks; they all come back afterwards, so the
+    live (still quantized or GGUF-loaded) model keeps working."""
+    config = getattr(model, "config", None)
+    held = {k: model.__dict__.pop(k) for k in _QUANTIZER_ATTRS if k in model.__dict__}
+    held_config = config.__dict__.pop("quantization_config", None) if config is not None else None
+    try:
+        yield
+    finally:
+        model.__dict__.update(held)
+        if held_config is not None:
+            config.quantization_config = held_config
+
+
+def _dense_swaps(model: nn.Module, layers: dict[str, DoRALinear]) -> dict[str, nn.Module]:
+    """Each adapted layer's merged dense layer, and a dequantized dense copy of every other
+    bitsandbytes layer (those no adapter targets), so the saved model is plain throughout."""
+    swaps: dict[str, nn.Module] = {name: layer.merge() for name, layer in layers.items()}
+    for name, module in model.named_modules():
+        if is_quantized_layer(module) and not any(name == n or name.startswith(n + ".") for n in layers):
+            swaps[name] = dense_linear(module)
+    return swaps
 
 
 def merge_and_save(model: nn.Module, directory: str | Path, *, tokenizer=None) -> Path:
@@ -426,6 +461,10 @@ def merge_and_save(model: nn.Module, directory: str | Path, *, tokenizer=None) -
     The folder loads with ``AutoModel*.from_pretrained`` and no d2ora installed. ``model`` itself is
     left as it was (merged layers are swapped in only for the save). Written into a staging folder
     first, then moved in file by file, so an interrupted save never leaves a half-written model.
+
+    A quantized base (bitsandbytes NF4 / int8) is dequantized and saved unquantized in its base
+    dtype; a model transformers loaded from a GGUF file (already de-quantized to dense tensors) is
+    saved as a plain model too.
     """
     layers = dora_layers(model)
     if not layers:
@@ -433,14 +472,17 @@ def merge_and_save(model: nn.Module, directory: str | Path, *, tokenizer=None) -
     if not hasattr(model, "save_pretrained"):
         raise AdapterFileError(f"{type(model).__name__} is not a transformers model (no save_pretrained)")
     directory = Path(directory)
+    swaps = _dense_swaps(model, layers)
+    originals = {name: model.get_submodule(name) for name in swaps}
     with atomic.staging_folder(directory) as staged:
         try:
-            for name, layer in layers.items():
-                set_submodule(model, name, layer.merge())
-            model.save_pretrained(staged, safe_serialization=True, **_in_base_dtype(model, layers))
+            for name, module in swaps.items():
+                set_submodule(model, name, module)
+            with _as_plain_model(model):
+                model.save_pretrained(staged, safe_serialization=True, **_in_base_dtype(model, layers))
         finally:
-            for name, layer in layers.items():
-                set_submodule(model, name, layer)
+            for name, module in originals.items():
+                set_submodule(model, name, module)
         if tokenizer is not None:
             tokenizer.save_pretrained(staged)
     return directory

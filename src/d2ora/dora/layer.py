@@ -10,15 +10,21 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from d2ora.dora import math as dora_math
+from d2ora.dora.frozen_base import FrozenBase
 
+# bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so they are covered (see frozen_base).
 SUPPORTED_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 
 
 def base_weight_out_in(base: nn.Module) -> torch.Tensor:
-    """The base layer's weight as ``(out, in)``; a view (no copy) of a Conv1D's ``(in, out)`` weight."""
-    if isinstance(base, Conv1D):
-        return base.weight.t()
-    return base.weight
+    """The base layer's weight as ``(out, in)``; a view (no copy) of a Conv1D's ``(in, out)`` weight,
+    and a dequantized dense copy of a bitsandbytes layer's (for merging and analysis only)."""
+    return FrozenBase.of(base).dense()
+
+
+def base_shape(base: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a base layer, quantized or not, without dequantizing anything."""
+    return FrozenBase.of(base).shape
 
 
 class DoRALinear(nn.Module):
@@ -56,8 +62,8 @@ class DoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, SUPPORTED_BASE_TYPES):
             raise TypeError(f"DoRALinear wraps nn.Linear or transformers Conv1D, not {type(base_layer).__name__}")
-        w0 = base_weight_out_in(base_layer)
-        out_features, in_features = w0.shape
+        frozen = FrozenBase.of(base_layer)
+        out_features, in_features = frozen.shape
         if not 0 < r <= min(in_features, out_features):
             raise ValueError(f"rank r={r} must be between 1 and min(in={in_features}, out={out_features})")
         self.base_layer = base_layer
@@ -73,15 +79,15 @@ class DoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         # Adapters live in fp32 when the base is half precision (PEFT does the same), for stable updates.
-        dtype = torch.float32 if w0.dtype in (torch.float16, torch.bfloat16) else w0.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=w0.device))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=w0.device))
+        dtype = torch.float32 if frozen.dtype in (torch.float16, torch.bfloat16) else frozen.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=frozen.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype, device=frozen.device))
         # Kaiming-uniform with a=sqrt(5), as nn.Linear and PEFT initialise A.
         bound = 1.0 / math.sqrt(in_features)  # = gain(a=sqrt 5) * sqrt(3 / fan_in)
         with torch.no_grad():
             self.lora_A.uniform_(-bound, bound, generator=generator)
         # ||W0||² per row, cached once: W0 is frozen. Not persistent: it is derived, never saved.
-        self.register_buffer("w0_row_sq", dora_math.row_sq_norms(w0.detach()), persistent=False)
+        self.register_buffer("w0_row_sq", frozen.row_sq_norms(), persistent=False)
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(self.row_norms().to(dtype))
         else:
@@ -89,9 +95,14 @@ class DoRALinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     @property
+    def frozen(self) -> FrozenBase:
+        """The frozen base weight (dense or bitsandbytes-quantized) behind one interface."""
+        return FrozenBase.of(self.base_layer)
+
+    @property
     def weight0(self) -> torch.Tensor:
-        """Frozen W0 as ``(out, in)``."""
-        return base_weight_out_in(self.base_layer)
+        """Frozen W0 as ``(out, in)``: a view of a dense weight; a dequantized copy of a quantized one."""
+        return self.frozen.dense()
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -99,12 +110,12 @@ class DoRALinear(nn.Module):
 
     def refresh_base_cache(self) -> None:
         """Recompute the cached ``||W0||²`` rows; call after changing the base weight in place."""
-        self.w0_row_sq = dora_math.row_sq_norms(self.weight0.detach())
+        self.w0_row_sq = self.frozen.row_sq_norms()
 
     @torch.no_grad()
     def row_norms(self) -> torch.Tensor:
         """``||W0 + s·BA||_c`` by the factored formula (never forms BA)."""
-        return dora_math.factored_row_norms(self.weight0, self.w0_row_sq, self.lora_A, self.lora_B, self.scaling)
+        return self.frozen.row_norms(self.w0_row_sq, self.lora_A, self.lora_B, self.scaling)
 
     def magnitude_scale(self) -> torch.Tensor:
         """``g = m / ||W0 + s·BA||_c`` with the norm detached; gradients flow into ``m`` only."""
@@ -112,8 +123,7 @@ class DoRALinear(nn.Module):
 
     # ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w0 = self.weight0
-        base_out = F.linear(x, w0)  # the one GEMM with W0; bias is added after scaling
+        base_out = self.frozen.matmul(x)  # the one GEMM with W0 (bitsandbytes' if quantized); bias after scaling
         x_lr = self.dropout(x).to(self.lora_A.dtype)
         xa = F.linear(x_lr, self.lora_A)
         if xa.dtype == base_out.dtype:

@@ -42,9 +42,23 @@ def factored_row_norms(
     """
     compute = torch.float32 if w0.dtype in (torch.float16, torch.bfloat16) else w0.dtype
     with _no_autocast(w0):
+        w0_at = torch.matmul(lora_a.to(compute), w0.to(compute).transpose(-1, -2)).transpose(-1, -2)  # (.., out, r)
+        return row_norms_from_w0_at(w0_at, w0_row_sq, lora_a, lora_b, scaling)
+
+
+def row_norms_from_w0_at(
+    w0_at: torch.Tensor,
+    w0_row_sq: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """:func:`factored_row_norms` given ``W0 Aᵀ`` ``(.., out, r)`` already (in the compute dtype), for a
+    base that computes it its own way (a quantized W0, dequantized a block of rows at a time)."""
+    compute = w0_at.dtype
+    with _no_autocast(w0_at):
         a = lora_a.to(compute)
         b = lora_b.to(compute)
-        w0_at = torch.matmul(a, w0.to(compute).transpose(-1, -2)).transpose(-1, -2)  # (.., out, r)
         a_at = torch.matmul(a, a.transpose(-1, -2))  # (.., r, r)
         cross = (b * w0_at).sum(dim=-1)
         quad = (torch.matmul(b, a_at) * b).sum(dim=-1)

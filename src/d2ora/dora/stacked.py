@@ -10,11 +10,11 @@ element-wise, so peers stay independent.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from d2ora.dora import math as dora_math
-from d2ora.dora.layer import DoRALinear, base_weight_out_in
+from d2ora.dora.frozen_base import FrozenBase
+from d2ora.dora.layer import DoRALinear
 
 
 class StackedDoRALinear(nn.Module):
@@ -54,8 +54,13 @@ class StackedDoRALinear(nn.Module):
         self.register_buffer("w0_row_sq", template.w0_row_sq.clone(), persistent=False)
 
     @property
+    def frozen(self) -> FrozenBase:
+        return FrozenBase.of(self.base_layer)
+
+    @property
     def weight0(self) -> torch.Tensor:
-        return base_weight_out_in(self.base_layer)
+        """Frozen W0 as ``(out, in)`` (a dequantized copy when the base is quantized)."""
+        return self.frozen.dense()
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -69,13 +74,13 @@ class StackedDoRALinear(nn.Module):
     def row_norms(self) -> torch.Tensor:
         """``(P_active, out)`` detached ``||W0 + s·B_k A_k||_c`` by the factored formula."""
         a, b = self.lora_A[self.active], self.lora_B[self.active]
-        return dora_math.factored_row_norms(self.weight0, self.w0_row_sq, a, b, self.scaling)
+        return self.frozen.row_norms(self.w0_row_sq, a, b, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.active_count
         if x.shape[0] % p:
             raise ValueError(f"batch of {x.shape[0]} rows does not split evenly over {p} active peers")
-        base_out = F.linear(x, self.weight0).reshape(p, -1, self.out_features)  # one GEMM over every peer's tokens
+        base_out = self.frozen.matmul(x).reshape(p, -1, self.out_features)  # one GEMM over every peer's tokens
         lead = x.shape[:-1]
         x_lr = self.dropout(x).to(self.lora_A.dtype).reshape(p, -1, self.in_features)
         a, b = self.lora_A[self.active], self.lora_B[self.active]

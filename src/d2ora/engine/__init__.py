@@ -1,1 +1,1 @@
-"""Engine: running many peers (in-process simulator now; torch.distributed runtime later)."""
+"""Engine: running many peers (the in-process simulator and torch.distributed processes share it)."""

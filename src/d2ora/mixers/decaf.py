@@ -114,21 +114,34 @@ def decaf_factors(
     left = left.movedim(-3, -2).reshape(*batch, out, k * r)  # [w_1 s B_1, ..., w_k s B_k]
     right = a.reshape(*batch, k * r, n_in)  # [A_1; ...; A_k]
     u, s, v = factored_svd(left, right, rank)
-    keep = s.shape[-1]  # min(rank, out, in, k·r)
-    tol = s[..., :1] * (max(out, n_in) * torch.finfo(dtype).eps)
+    return balanced_factors(u, s, v, scaling, a_row_rms(a, w), rank)
+
+
+def a_row_rms(lora_a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The neighbourhood's RMS A-row norm ``(.., 1)``, weighted like the mix: the scale the peers' A
+    rows already have, used for the rows that restart (see ``decaf_factors``). 1 when every A is 0."""
+    r = lora_a.shape[-2]
+    a_sq = lora_a.square().sum(dim=(-2, -1))  # (.., k)
+    fill = ((weights.abs() * a_sq).sum(-1) / (weights.abs().sum(-1) * r)).sqrt()
+    return torch.where(fill > 0, fill, torch.ones_like(fill)).unsqueeze(-1)
+
+
+def balanced_factors(
+    u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, scaling: float, fill: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``s·B A = U diag(S) Vᵀ``, split evenly (``decaf_factors`` explains the split, the
+    restart of numerically-zero components at the A-row scale ``fill`` ``(.., 1)``, and the zero
+    padding up to ``rank`` when fewer than ``rank`` triplets exist). ``u`` ``(.., out, q)``, ``s``
+    ``(.., q)``, ``v`` ``(.., in, q)`` as :func:`factored_svd` returns them."""
+    out, n_in, keep = u.shape[-2], v.shape[-2], s.shape[-1]  # keep = min(rank, out, in, k·r)
+    tol = s[..., :1] * (max(out, n_in) * torch.finfo(s.dtype).eps)
     numerically_zero = s <= tol
-
-    # The neighbourhood's RMS A-row norm, weighted like the mix: the scale the peers' A rows
-    # already have, used for the rows that restart (see the docstring). 1 when every A is zero.
-    a_sq = a.square().sum(dim=(-2, -1))  # (.., k)
-    fill = ((w.abs() * a_sq).sum(-1) / (w.abs().sum(-1) * r)).sqrt()
-    fill = torch.where(fill > 0, fill, torch.ones_like(fill)).unsqueeze(-1)  # (.., 1)
-
     a_norm = torch.where(numerically_zero, fill.expand_as(s), (s / scaling).sqrt())
     b_norm = s / (scaling * a_norm)  # b_norm · a_norm = σ_k / s in every case
     new_b = u * b_norm.unsqueeze(-2)
     new_a = a_norm.unsqueeze(-1) * v.mT
     if keep < rank:
+        batch = u.shape[:-2]
         new_b = torch.cat([new_b, new_b.new_zeros(*batch, out, rank - keep)], dim=-1)
         new_a = torch.cat([new_a, new_a.new_zeros(*batch, rank - keep, n_in)], dim=-2)
     return new_b, new_a

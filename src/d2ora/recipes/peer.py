@@ -94,7 +94,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     shown = console if group.is_root else Console(quiet=True)  # one process speaks for the job
     describe_setup(session, shown)
     shown.print(f"{world} processes ({group.backend}); process 0 hosts {describe(0).split('(')[1].rstrip(')')}")
-    checkpointer = Checkpointer(rank_dir(output_dir, rank), host.components(), config.result_config(), every=config.run.checkpoint_every,
+    checkpointer = Checkpointer(rank_dir(output_dir, rank), session.components(), config.result_config(), every=config.run.checkpoint_every,
                                 keep=config.run.keep_checkpoints, warn=console.print)
     state, rows = LoopState(), []
     round_to_resume = _agreed_resume_round(group, checkpointer) if resume else None

@@ -19,6 +19,7 @@ from d2ora.data.partition import format_label_table, label_counts
 from d2ora.engine.checkpoint import Checkpointer
 from d2ora.engine.exchange import Exchange, wire_itemsize
 from d2ora.engine.loop import Collector, LoopState, RoundContext, RoundLoop, RunSettings
+from d2ora.engine.memory import peak_memory
 from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.monitor import ConsensusMonitor
 from d2ora.engine.tensorboard_log import TensorBoardLog
@@ -72,6 +73,23 @@ def trust_summary(trust: TrustRun, rejections: torch.Tensor) -> TrustSummary:
     return TrustSummary.model_validate({"mode": trust.config.trust.mode, "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
                                          "rejected_total": int(rejections.sum()), "rejected_by_sender": rejection_summary(rejections),
                                          "seconds": {k: round(v, 4) for k, v in trust.seconds.items()}})
+
+
+def gather_peak_memory(collector: Collector, device: torch.device, hosted: int, round_index: int) -> dict[str, Any] | None:
+    """Every process's peak memory so far, in the monitor's process as summary.json's
+    ``peak_memory_mb`` (one entry per process, in rank order) and ``peak_memory_kind``; None elsewhere.
+
+    Each hosted peer's row carries its process's peak and a 1 on the process's first peer only, so
+    the monitor keeps one entry per process without knowing how peers are laid out over processes."""
+    peak, kind = peak_memory(device)
+    rows = torch.zeros(hosted, 2, dtype=torch.float64)
+    rows[:, 0] = peak
+    rows[0, 1] = 1.0
+    gathered = collector.gather_values(rows, round_index)
+    if gathered is None:
+        return None
+    per_process = [round(float(v) / 2**20, 1) for v, first in gathered.tolist() if first == 1.0]
+    return {"peak_memory_mb": per_process, "peak_memory_kind": kind}
 
 
 def run_rounds_and_report(
@@ -133,6 +151,7 @@ def run_rounds_and_report(
     rejections = None
     if trust is not None:
         rejections = collector.gather_values(trust.rejections.reshape(len(host.peer_ids), -1), config.run.rounds + 1)
+    peaks = gather_peak_memory(collector, host.device, len(host.peer_ids), config.run.rounds + 2)
     if log is None:
         if trust is not None:
             trust.finish()
@@ -150,6 +169,8 @@ def run_rounds_and_report(
     if tokenizer is not None and config.run.generate_examples > 0:  # sft: a few answers side by side in the report
         summary_extra["samples"] = sample_answers(host.peer_model, tokenizer, session.test_batches, row=host.local(0),
                                                   consensus=state.consensus, device=host.device)
+    if peaks is not None:
+        summary_extra.update(peaks)
     summary = run_summary(session, log.rows, time.perf_counter() - started, saved, **summary_extra)
     summary.write(output_dir / SUMMARY_FILE)
     report_path = write_run_report(output_dir, summary, log.rows)

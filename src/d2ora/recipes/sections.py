@@ -28,7 +28,7 @@ from d2ora.data.sft_task import SFT
 from d2ora.data.sources import BBC_NEWS
 from d2ora.data.tasks import TaskName
 from d2ora.dora.config import DoRAConfig
-from d2ora.models import DEFAULT_MODEL, BaseDtype, check_device_name
+from d2ora.models import DEFAULT_MODEL, BaseDtype, Quantize, check_device_name
 
 
 class Section(BaseModel):
@@ -93,6 +93,13 @@ class ModelSection(Section):
         description="Precision of the frozen base: 'fp32', 'bf16', 'fp16', or 'auto' (bf16 on a CUDA GPU that supports it, "
         "fp32 on CPU). Adapters (m, A, B) and saved heads stay fp32 masters; a half-precision base runs under autocast, "
         "with DoRA's row norms in fp32.",
+    )
+    quantize: Quantize = Field(
+        "none",
+        description="Store the frozen base's Linear layers quantized through bitsandbytes (QLoRA's base; needs d2ora[quantize]): "
+        "'nf4' (4-bit NormalFloat, double-quantized statistics) or 'int8' (LLM.int8()); 'none' keeps them dense. "
+        "The LM head, embeddings and a classification head stay dense; the base computes in base_dtype and its GEMMs "
+        "run through bitsandbytes; adapters stay fp32 and merged models are saved dense in base_dtype.",
     )
 
     @property

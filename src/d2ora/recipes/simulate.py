@@ -78,7 +78,7 @@ def simulate(config: SimulateConfig, console: Console | None = None, resume: boo
     session = open_session(config, device, lambda peers: range(peers))
     describe_setup(session, console)
     host, network = session.host, session.network
-    checkpointer = Checkpointer(rank_dir(output_dir, 0), host.components(), config.result_config(), every=config.run.checkpoint_every,
+    checkpointer = Checkpointer(rank_dir(output_dir, 0), session.components(), config.result_config(), every=config.run.checkpoint_every,
                                 keep=config.run.keep_checkpoints, warn=console.print)
     state, rows = LoopState(), []
     if resume:

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from d2ora.data.partition import SCHEMES
 from d2ora.dora.config import DoRAConfig
 from d2ora.engine.drift import DRIFT_METHODS
+from d2ora.engine.outer_optimizer import OUTER_OPTIMIZERS, check_outer_mixer
 from d2ora.engine.share import SHARE_MODES
 from d2ora.mixers import MIXERS
 from d2ora.mixers.robust import ROBUST_RULES
@@ -56,11 +57,27 @@ class PeerDataSection(DataSection):
     labels_per_peer: int = Field(2, ge=1, description="k for the 'k_labels' partition.")
     min_partition_size: int = Field(10, ge=1, description="Smallest shard the Dirichlet partitioner accepts.")
     local_val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each peer's shard kept as its local validation split.")
+    peer_sources: list[str] | None = Field(
+        None,
+        description="partition by_source: one data source per peer (files, or any data.source value), in peer order; "
+        "peer k trains on its own source only. Each source is split by test_fraction (stratified by class when it has "
+        "labels); the test set is the union of every source's test part, each peer's validation split its own "
+        "local_val_fraction of its training part; max_train_samples / max_test_samples cap the unions, each source "
+        "keeping its share. data.source is not read.",
+    )
 
     @field_validator("partition")
     @classmethod
     def _known_partition(cls, value: str) -> str:
         return _choice(value, SCHEMES, "partition")
+
+    @model_validator(mode="after")
+    def _sources_need_by_source(self) -> PeerDataSection:
+        if self.partition == "by_source" and not self.peer_sources:
+            raise ValueError("data.partition by_source needs data.peer_sources: one data source per peer")
+        if self.peer_sources and self.partition != "by_source":
+            raise ValueError(f"data.peer_sources gives one source per peer: set data.partition: by_source (not {self.partition})")
+        return self
 
     def partition_params(self) -> dict[str, Any]:
         if self.partition == "dirichlet":
@@ -70,6 +87,9 @@ class PeerDataSection(DataSection):
         return {}
 
     def partition_label(self) -> str:
+        if self.partition == "by_source" and self.peer_sources:  # says where the held-out data come from
+            return (f"by_source({len(self.peer_sources)} sources, one per peer; test: {self.test_fraction:g} of each source, "
+                    f"pooled; validation: {self.local_val_fraction:g} of each peer's own)")
         params = self.partition_params()
         params.pop("min_size", None)
         inner = ", ".join(f"{k}={v}" for k, v in params.items())
@@ -95,6 +115,9 @@ class NetworkSection(Section):
     logit_adjust: float = Field(0.0, ge=0, description="Label-prior logit adjustment τ (d2ora.engine.label_prior): each peer trains on softmax(logits + τ·log of its own label frequencies), so the head does not learn its label prior; evaluation uses plain logits (0: none; 1 is the usual value).")
     dimat_examples: int = Field(4, ge=1, description="Own examples each peer feeds through its model to align neighbours (dimat).")
     dimat_max_tokens: int = Field(512, ge=1, description="Tokens per peer and layer kept for DIMAT's activation matching.")
+    outer_optimizer: str = Field("none", description=f"Outer optimizer on each peer's gossip average (d2ora.engine.outer_optimizer; DiLoCo / NoLoCo): {', '.join(OUTER_OPTIMIZERS)} (nesterov: x ← x_start − outer_lr·Nesterov(x_start − x_mixed), torch SGD's rule; factor-averaging mixers only).")
+    outer_lr: float = Field(0.7, gt=0, allow_inf_nan=False, description="outer_optimizer: the outer learning rate η (1 with outer_momentum 0: the plain mix).")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="outer_optimizer: the Nesterov momentum μ (0: plain SGD on the pseudo-gradient).")
 
     @model_validator(mode="before")
     @classmethod
@@ -115,6 +138,11 @@ class NetworkSection(Section):
         choices = {"mixer": MIXER_CHOICES, "topology": TOPOLOGY_NAMES, "mixing": MIXING_RULES,
                    "share": SHARE_MODES, "drift": DRIFT_METHODS}[info.field_name]
         return _choice(value, choices, info.field_name)
+
+    @field_validator("outer_optimizer")
+    @classmethod
+    def _known_outer_optimizer(cls, value: str) -> str:
+        return _choice(value, OUTER_OPTIMIZERS, "outer_optimizer")
 
     @property
     def centralized(self) -> bool:
@@ -222,11 +250,26 @@ class SimulateConfig(SectionedConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> SimulateConfig:
+        sources = self.data.peer_sources
+        if sources is not None and len(sources) != self.network.peers:
+            raise ValueError(f"data.peer_sources lists {len(sources)} source(s) but network.peers is {self.network.peers}: give one source per peer")
         if self.run.peer_group_size is not None and self.run.peer_group_size > self.network.peers:
             raise ValueError(f"run.peer_group_size={self.run.peer_group_size} exceeds network.peers={self.network.peers}")
         self._check_trust()
         self._check_drift()
         self._check_share()
+        return self
+
+    @model_validator(mode="after")
+    def _outer_optimizer_fits(self) -> SimulateConfig:
+        """The outer step needs a mix, in coordinates the mix keeps (d2ora.engine.outer_optimizer)."""
+        net = self.network
+        if net.outer_optimizer == "none":
+            return self
+        if net.centralized or net.mixer == "local":
+            raise ValueError(f"network.outer_optimizer: {net.outer_optimizer} steps along each round's gossip average; "
+                             "mode centralized and mixer local do not mix (set outer_optimizer: none)")
+        check_outer_mixer(net.mixer, MIXERS[net.mixer].factors_replaced)
         return self
 
     def _check_share(self) -> None:
@@ -291,8 +334,8 @@ class SimulateConfig(SectionedConfig):
 
     @property
     def run_name(self) -> str:
-        """The method's name in reports: the mixer (with its robust rule, drift correction, FedProx μ
-        and logit adjustment τ, e.g. 'decaf+kgt+prox0.01+la1'), or 'centralized'."""
+        """The method's name in reports: the mixer (with its robust rule, drift correction, FedProx μ,
+        logit adjustment τ and outer optimizer, e.g. 'd2ora+kgt+prox0.01+la1+outer0.7m0.9'), or 'centralized'."""
         if self.centralized:
             return CENTRALIZED
         net, robust = self.network, self.trust.robust
@@ -301,6 +344,7 @@ class SimulateConfig(SectionedConfig):
         parts += [net.drift] if net.drift != "none" else []
         parts += [f"prox{net.prox_mu:g}"] if net.prox_mu > 0 else []
         parts += [f"la{net.logit_adjust:g}"] if net.logit_adjust > 0 else []
+        parts += [f"outer{net.outer_lr:g}m{net.outer_momentum:g}"] if net.outer_optimizer != "none" else []
         return "+".join(parts)
 
     @property

@@ -209,7 +209,8 @@ def train(config: TrainConfig, console: Console | None = None) -> dict[str, Any]
         task = make_task(task_name, splits["train"], train_on_prompt=config.data.train_on_prompt)
         label_names = getattr(task, "label_names", None)
         loaded = load_model(config.model_name, task_name, label_names=label_names, seed=run.seed,
-                            torch_dtype=resolve_base_dtype(config.model.base_dtype, device))
+                            torch_dtype=resolve_base_dtype(config.model.base_dtype, device),
+                            quantize=config.model.quantize, device=device)
         saved = config.adapter.modules_to_save
         if saved is None:
             saved = head_modules(loaded) if task_name == "classification" else []

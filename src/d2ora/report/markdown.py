@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from d2ora.engine.memory import describe_kind
 from d2ora.report.formatting import DASH, fmt_float, fmt_mb, fmt_metric
 from d2ora.report.groups import MethodRuns, as_groups
 from d2ora.report.layout import (
@@ -97,6 +98,10 @@ def _setup_lines(summary: RunSummary) -> list[str]:
     ]
     if s.runtime_s is not None:
         lines.append(f"- runtime: {s.runtime_s:.1f} s")
+    if s.peak_memory_mb:
+        per_process = ", ".join(f"{mb:,.0f}" for mb in s.peak_memory_mb)
+        kind = describe_kind(s.peak_memory_kind) if s.peak_memory_kind else "peak"
+        lines.append(f"- peak memory per process: {per_process} MB ({kind})")
     return lines
 
 

@@ -107,6 +107,8 @@ class RunSummary(BaseModel):
     backend: str | None = None  # d2ora peer only
     trust: TrustSummary | None = None  # trust runs only
     samples: list[AnswerSample] | None = None  # sft runs only: a few generated answers side by side
+    peak_memory_mb: list[float] | None = None  # per process, in rank order (one entry for simulate)
+    peak_memory_kind: str | None = None  # "cpu_rss" or "cuda_allocated" (d2ora.engine.memory)
 
     @classmethod
     def read(cls, path: str | Path) -> RunSummary:

@@ -22,7 +22,8 @@ Model poisoning (the message is validly signed; only robust mixing can help):
   - ``dissensus``   x_i − ε (μ − x_i) for receiver i, x_i its last message (He, Karimireddy and Jaggi,
                     arXiv 2202.01545, made for gossip; ε = 1.5): pushes each receiver away from its
                     neighbours, so that the honest peers drift apart instead of agreeing.
-  - ``label_flip``  data poisoning: the peer trains on labels y → C − 1 − y and sends honestly.
+  - ``label_flip``  data poisoning: the peer trains on labels y → C − 1 − y and sends honestly (sft data whose
+                    answers are class words: each answer replaced by class C − 1 − y's word).
 Protocol attacks (each message must be rejected by :mod:`d2ora.trust.checks`):
   - ``forged_signature``  signed with a key that is not the sender's.
   - ``missing_signature`` no envelope at all.

@@ -11,6 +11,12 @@ A roster (YAML or JSON) maps peer ids to public keys and optional names::
     peers:
       0: {public_key: "ed25519:1xX...", name: "hospital-a"}
       1: "ed25519:Q2F..."
+      2: {public_key: "ed25519:Zm9...", address: "b.example.org:7443", certificate: "certs/peer-2.crt"}
+
+``address`` (``host:port``, where the peer's link listens) and ``certificate`` (its identity
+certificate from ``d2ora keygen``, a path relative to the roster's folder) are optional and used
+only by the network links (``d2ora.p2p``). They are not part of a peer's identity, so the digest
+leaves them out and a roster keeps its digest when they are added.
 
 Its digest is the SHA-256 of a canonical JSON form (sorted ids, keys as strings), so the same
 roster hashes the same whether written as YAML or JSON; that digest goes into the ledger's genesis.
@@ -130,6 +136,8 @@ class Member:
     peer: int
     public_key: Ed25519PublicKey
     name: str | None = None
+    address: str | None = None  # "host:port" of the peer's link (d2ora.p2p); not identity, not in the digest
+    certificate: Path | None = None  # its identity certificate file, resolved against the roster's folder
 
     @property
     def key_string(self) -> str:
@@ -161,6 +169,17 @@ class Roster:
             raise IdentityError(f"the roster has no key for peer(s) {missing}")
 
 
+def parse_address(text: object, where: str = "address") -> str:
+    """A ``host:port`` string (``[v6]:port`` for IPv6) with a port in 1..65535; IdentityError otherwise."""
+    host, _, port = text.rpartition(":") if isinstance(text, str) else ("", "", "")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise IdentityError(f"{where}: expected 'host:port' with a port in 1..65535, got {text!r}")
+    return text
+
+
+_MEMBER_KEYS = ("public_key", "name", "address", "certificate")
+
+
 def _member(peer_text: object, entry: object, source: Path) -> Member:
     try:
         peer = int(str(peer_text))
@@ -168,16 +187,24 @@ def _member(peer_text: object, entry: object, source: Path) -> Member:
         raise IdentityError(f"{source}: peer id {peer_text!r} is not an integer") from None
     if peer < 0:
         raise IdentityError(f"{source}: peer id {peer} is negative")
+    address = certificate = None
     if isinstance(entry, str):
         key_text, name = entry, None
     elif isinstance(entry, dict):
-        unknown = set(entry) - {"public_key", "name"}
+        unknown = set(entry) - set(_MEMBER_KEYS)
         if unknown or "public_key" not in entry:
-            raise IdentityError(f"{source}: peer {peer} needs 'public_key' (and optionally 'name'), got keys {sorted(entry)}")
+            raise IdentityError(
+                f"{source}: peer {peer} needs 'public_key' (and optionally 'name', 'address', 'certificate'), got keys {sorted(entry)}"
+            )
         key_text, name = entry["public_key"], entry.get("name")
+        if entry.get("address") is not None:
+            address = parse_address(entry["address"], f"{source}: peer {peer} address")
+        if entry.get("certificate") is not None:
+            certificate = source.parent / str(entry["certificate"])
     else:
         raise IdentityError(f"{source}: peer {peer} must map to a public key string or {{public_key, name}}")
-    return Member(peer, parse_public_key(key_text, f"{source}: peer {peer}"), None if name is None else str(name))
+    key = parse_public_key(key_text, f"{source}: peer {peer}")
+    return Member(peer, key, None if name is None else str(name), address, certificate)
 
 
 def load_roster(path: str | os.PathLike[str]) -> Roster:
