@@ -185,6 +185,9 @@ def test_one_round_simulate_with_sft_reports_generative_accuracy_and_sample_answ
     summary = json.loads((tmp_path / "summary.json").read_text())
     accuracy = summary["final"]["consensus_test"][GENERATIVE_ACCURACY]
     assert 0.0 <= accuracy <= 1.0 and summary["metric"] == ANSWER_PERPLEXITY
+    # Every peer answers the shared test prompts; on its own validation split it is scored by perplexity only.
+    assert all(GENERATIVE_ACCURACY in row for row in summary["final"]["peer_test"])
+    assert all(GENERATIVE_ACCURACY not in row and ANSWER_PERPLEXITY in row for row in summary["final"]["peer_val"] if row)
     samples = summary["samples"]
     assert len(samples) == 3 and all(s["base"] is not None and s["consensus"] is not None for s in samples)
     # The word tokenizer knows none of the section names ([UNK], dropped as special): references read

@@ -129,3 +129,53 @@ def test_identical_peers_are_scored_once_with_each_peers_own_result(tiny_classif
     assert len(served) == 2  # peers 0 and 2 are one adapter
     separately = [evaluate_peers(peers, CountingTask(), batches, "cpu", peers=[k])[0] for k in range(PEERS)]
     assert results == separately and results[0] == results[2] != results[1]
+
+
+def test_serving_reuses_row_norms_only_while_the_adapter_is_unchanged(tiny_classifier_dir: str, monkeypatch) -> None:
+    """Inside serving, each layer's ||W0 + s·BA|| is computed once per adapter state: a second forward
+    reuses it, an in-place load of another adapter is seen, and a fused AdamW step (which bumps no
+    version counter) happens outside, so the next serving recomputes. Reference: the same forward
+    with no cache at all."""
+    from d2ora.dora.frozen_base import FrozenBase
+
+    peers = make_peers(tiny_classifier_dir)
+    ids = torch.randint(1, 64, (PER_PEER, 7), generator=torch.Generator().manual_seed(3))
+    calls = []
+    original = FrozenBase.row_norms
+    monkeypatch.setattr(FrozenBase, "row_norms", lambda self, *a: calls.append(1) or original(self, *a))
+    layers = len(peers.layers)
+
+    def uncached(k: int) -> torch.Tensor:
+        stacked = [*peers.layers.values(), *peers.heads.values()]
+        with torch.no_grad():
+            for module in stacked:
+                module.active = slice(k, k + 1)
+            out = peers.model(input_ids=ids).logits
+            for module in stacked:
+                module.active = slice(0, PEERS)
+            return out
+
+    reference = uncached(1)
+    calls.clear()
+    with peers.serving(slice(1, 2)) as model, torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+        assert len(calls) == layers  # the second forward reused every layer's norms
+        assert torch.equal(first, reference) and torch.equal(second, reference)
+        for layer in peers.layers.values():  # load peer 2's adapter into slot 1 in place (as the monitor does)
+            layer.lora_A[1].copy_(layer.lora_A[2])
+            layer.lora_B[1].copy_(layer.lora_B[2])
+            layer.lora_magnitude_vector[1].copy_(layer.lora_magnitude_vector[2])
+        peers.heads["score"].weight[1].copy_(peers.heads["score"].weight[2])
+        loaded = model(input_ids=ids).logits
+        assert len(calls) == 2 * layers
+    assert torch.equal(loaded, uncached(2))
+    assert all(layer.norm_cache is None for layer in peers.layers.values())  # dropped on leaving
+
+    params = [p for layer in peers.layers.values() for p in (layer.lora_A, layer.lora_B)]
+    optimizer = torch.optim.AdamW(params, lr=0.1, fused=True)
+    with peers.serving(slice(0, PEERS)) as model:
+        model(input_ids=ids.repeat(PEERS, 1)).logits.square().mean().backward()
+    optimizer.step()  # outside serving, as the trainer steps
+    with peers.serving(slice(1, 2)) as model, torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(after, uncached(1)) and not torch.equal(after, loaded)

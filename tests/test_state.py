@@ -4,6 +4,8 @@ an uninterrupted reference run of the same component; values cross processes by 
 
 from __future__ import annotations
 
+import math
+
 import json
 import types
 
@@ -184,3 +186,12 @@ def test_round_values_and_metrics_cross_by_name() -> None:
     assert decoded == results and isinstance(decoded["val"][0]["examples"], int)
     with pytest.raises(ValueError, match="sections"):
         columns.encode({"val": results["val"]})
+    # A metric one section does not report stays absent there; a NaN metric stays NaN.
+    generative = MetricColumns(["val", "test"], ["perplexity", "generative_accuracy"])
+    results = {"val": [{"perplexity": 3.0}, {"perplexity": float("nan")}],
+               "test": [{"perplexity": 2.0, "generative_accuracy": 0.5}, {"perplexity": 4.0, "generative_accuracy": 0.0}]}
+    decoded = generative.decode(generative.encode(results))
+    assert decoded["test"] == results["test"] and decoded["val"][0] == {"perplexity": 3.0}
+    assert list(decoded["val"][1]) == ["perplexity"] and math.isnan(decoded["val"][1]["perplexity"])
+    with pytest.raises(ValueError, match="first evaluation"):
+        columns.encode({"val": [{"accuracy": 0.5, "loss": 1.0}, None], "test": [None, None]})

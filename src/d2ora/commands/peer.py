@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -26,8 +27,13 @@ def peer(
     set_: SetOption = None,
     output_dir: OutputOption = None,
     resume: ResumeOption = None,
+    roster: Annotated[Path | None, typer.Option("--roster", help="Run this organisation's peer over gRPC links (mutual TLS) instead of torchrun: the roster file (public keys, address: host:port, certificate).", show_default=False)] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="With --roster: this peer's private key (d2ora keygen); the peer is the roster entry with its public key.", show_default=False)] = None,
+    run_id: Annotated[str, typer.Option("--run-id", help="With --roster: a name for this run, the same on every peer (it goes into the signed envelopes' run nonce: a fresh one per run keeps runs apart).")] = "",
+    passphrase_env: Annotated[str | None, typer.Option("--passphrase-env", help="With --roster: the environment variable holding --key's passphrase.", show_default=False)] = None,
+    listen: Annotated[str | None, typer.Option("--listen", help="With --roster: host:port to listen on (default: this peer's roster address).", show_default=False)] = None,
 ) -> None:
-    """Run one process of a decentralized run; torchrun or d2ora launch starts it.
+    """Run one process of a decentralized run; torchrun or d2ora launch starts it, or, with --roster and --key, each organisation starts its own.
 
     On every node, for example:
 
@@ -35,10 +41,26 @@ def peer(
             --rdzv-endpoint HOST:PORT -m d2ora peer --config run.yaml
 
     Each process hosts a contiguous block of the peers; every process must get the same config. Under torchrun --max-restarts, a restarted job continues from the newest checkpoint all processes hold.
+
+    Between organisations, each runs its one peer: d2ora peer --config run.yaml --roster roster.yaml --key peer-3.key. Peers start in any order, wait up to network.timeout_s for their neighbours, refuse a neighbour whose config, roster or adapter layout differs, sign every message, and mix without a neighbour that misses network.round_timeout_s (recorded in metrics, summary and ledger). No checkpoints or --resume on links yet.
     """
+    updates: dict[str, Any] = {} if output_dir is None else {"run.output_dir": str(output_dir)}
+    if roster is not None or key is not None:
+        if roster is None or key is None:
+            raise fail("--roster and --key go together: the roster of the run and this peer's key")
+        if resume is not None:
+            raise fail("--resume is not supported over links (--roster) yet")
+        from d2ora.p2p.inbox import LinkError
+        from d2ora.recipes.p2p_peer import LinkSetupError, run_link_peer
+
+        try:
+            run_link_peer(load_run_config(config, set_, updates, None), roster, key, console=console_for_logs(), run_id=run_id,
+                          passphrase_env=passphrase_env, listen=listen)
+        except (*user_errors(), LinkError, LinkSetupError) as exc:
+            raise fail(str(exc)) from None
+        return
     from d2ora.recipes.peer import run_peer
 
-    updates: dict[str, Any] = {} if output_dir is None else {"run.output_dir": str(output_dir)}
     try:
         run_peer(load_run_config(config, set_, updates, resume), console=console_for_logs(), resume=resume is not None)
     except user_errors() as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,46 @@ from d2ora.dora.frozen_base import FrozenBase
 
 # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so they are covered (see frozen_base).
 SUPPORTED_BASE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+class RowNormCache:
+    """One layer's last ``||W0 + s·BA||_c``, reused while A, B and W0's cached norms are unchanged.
+
+    The norms cost an (out x in x r) product per forward, as much as the base GEMM for a batch of
+    r tokens: in greedy decoding (one token per forward), in evaluation, in a checkpointed block's
+    replay and across accumulated micro-batches, A and B do not change between forwards. The key is
+    each tensor's storage and version counter, so an in-place copy (loading a peer's adapter) is
+    seen. A fused AdamW step does *not* bump version counters, so a cache only lives inside a span
+    where no optimizer steps (:func:`reusing_row_norms`, ``PeerModel.serving``) and is dropped after.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[object, ...] | None = None
+        self.value: torch.Tensor | None = None
+
+    @staticmethod
+    def key_of(*tensors: torch.Tensor, extra: object = None) -> tuple[object, ...]:
+        return (*((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors), extra)
+
+    def get(self, key: tuple[object, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self.key != key or self.value is None:
+            self.value, self.key = compute(), key
+        return self.value
+
+
+@contextlib.contextmanager
+def reusing_row_norms(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Let the DoRA layers among ``modules`` reuse their row norms until the block ends. Nothing may
+    step an optimizer inside (see :class:`RowNormCache`); nested uses keep the outer cache."""
+    layers = [m for m in modules if hasattr(m, "norm_cache")]
+    previous = [layer.norm_cache for layer in layers]
+    for layer, cache in zip(layers, previous):
+        layer.norm_cache = cache if cache is not None else RowNormCache()
+    try:
+        yield
+    finally:
+        for layer, cache in zip(layers, previous):
+            layer.norm_cache = cache
 
 
 def base_weight_out_in(base: nn.Module) -> torch.Tensor:
@@ -88,6 +130,7 @@ class DoRALinear(nn.Module):
             self.lora_A.uniform_(-bound, bound, generator=generator)
         # ||W0||² per row, cached once: W0 is frozen. Not persistent: it is derived, never saved.
         self.register_buffer("w0_row_sq", frozen.row_sq_norms(), persistent=False)
+        self.norm_cache: RowNormCache | None = None  # set only inside reusing_row_norms
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(self.row_norms().to(dtype))
         else:
@@ -114,8 +157,14 @@ class DoRALinear(nn.Module):
 
     @torch.no_grad()
     def row_norms(self) -> torch.Tensor:
-        """``||W0 + s·BA||_c`` by the factored formula (never forms BA)."""
-        return self.frozen.row_norms(self.w0_row_sq, self.lora_A, self.lora_B, self.scaling)
+        """``||W0 + s·BA||_c`` by the factored formula (never forms BA); reused inside
+        :func:`reusing_row_norms` while A and B are unchanged."""
+        def compute() -> torch.Tensor:
+            return self.frozen.row_norms(self.w0_row_sq, self.lora_A, self.lora_B, self.scaling)
+
+        if self.norm_cache is None:
+            return compute()
+        return self.norm_cache.get(RowNormCache.key_of(self.lora_A, self.lora_B, self.w0_row_sq), compute)
 
     def magnitude_scale(self) -> torch.Tensor:
         """``g = m / ||W0 + s·BA||_c`` with the norm detached; gradients flow into ``m`` only."""

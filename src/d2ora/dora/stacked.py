@@ -14,7 +14,7 @@ from torch import nn
 
 from d2ora.dora import math as dora_math
 from d2ora.dora.frozen_base import FrozenBase
-from d2ora.dora.layer import DoRALinear
+from d2ora.dora.layer import DoRALinear, RowNormCache
 
 
 class StackedDoRALinear(nn.Module):
@@ -52,6 +52,7 @@ class StackedDoRALinear(nn.Module):
         else:
             self.register_parameter("lora_magnitude_vector", None)
         self.register_buffer("w0_row_sq", template.w0_row_sq.clone(), persistent=False)
+        self.norm_cache: RowNormCache | None = None  # set only inside reusing_row_norms (PeerModel.serving)
 
     @property
     def frozen(self) -> FrozenBase:
@@ -72,9 +73,16 @@ class StackedDoRALinear(nn.Module):
 
     @torch.no_grad()
     def row_norms(self) -> torch.Tensor:
-        """``(P_active, out)`` detached ``||W0 + s·B_k A_k||_c`` by the factored formula."""
-        a, b = self.lora_A[self.active], self.lora_B[self.active]
-        return self.frozen.row_norms(self.w0_row_sq, a, b, self.scaling)
+        """``(P_active, out)`` detached ``||W0 + s·B_k A_k||_c`` by the factored formula; reused
+        inside :func:`~d2ora.dora.layer.reusing_row_norms` while A, B and the active peers are unchanged."""
+        def compute() -> torch.Tensor:
+            a, b = self.lora_A[self.active], self.lora_B[self.active]
+            return self.frozen.row_norms(self.w0_row_sq, a, b, self.scaling)
+
+        if self.norm_cache is None:
+            return compute()
+        active = self.active.indices(self.peers)
+        return self.norm_cache.get(RowNormCache.key_of(self.lora_A, self.lora_B, self.w0_row_sq, extra=active), compute)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.active_count

@@ -41,14 +41,25 @@ def evaluate_peers(
 def evaluate_each_on_own(
     peer_model: PeerModel, task: Task, own_batches: Sequence[list[Batch]], device: torch.device | str
 ) -> list[dict[str, float] | None]:
-    """Peer k's model on peer k's own batches (its local validation split); None for an empty one."""
+    """Peer k's model on peer k's own batches (its local validation split); None for an empty one.
+
+    Generative accuracy (sft) is left to the shared test set: greedy decoding costs about a second an
+    example on a CPU, and the own-split score is a second view of the same model, so here it is the
+    task's loss-based metric alone."""
     results: list[dict[str, float] | None] = []
-    for k, batches in enumerate(own_batches):
-        if not batches:
-            results.append(None)
-            continue
-        with peer_model.serving(slice(k, k + 1)) as model, base_autocast(model, device):
-            results.append(task.evaluate(model, batches, device))
+    generate = getattr(task, "generate_examples", None)
+    try:
+        if generate is not None:
+            task.generate_examples = 0
+        for k, batches in enumerate(own_batches):
+            if not batches:
+                results.append(None)
+                continue
+            with peer_model.serving(slice(k, k + 1)) as model, base_autocast(model, device):
+                results.append(task.evaluate(model, batches, device))
+    finally:
+        if generate is not None:
+            task.generate_examples = generate
     return results
 
 

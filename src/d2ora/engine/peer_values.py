@@ -71,11 +71,15 @@ PeerRoundValues.TABLE = ValueTable([f.name for f in fields(PeerRoundValues)])
 
 class MetricColumns:
     """Per-peer metric dicts (None: not scored) of named sections (``val``, ``test``) as one table:
-    column ``<section>`` says whether the peer was scored, ``<section>.<metric>`` holds each value."""
+    column ``<section>`` says whether the peer was scored, ``<section>.<metric>`` holds each value and
+    ``<section>.<metric>?`` whether the peer's result has that metric at all (sft answers the test
+    prompts for generative accuracy but scores its own validation split by perplexity alone), so a
+    metric that is NaN stays NaN and a metric that is absent stays absent."""
 
     def __init__(self, sections: Sequence[str], keys: Sequence[str], int_keys: frozenset[str] = frozenset()) -> None:
         self.sections, self.keys, self.int_keys = tuple(sections), tuple(keys), int_keys
-        self.table = ValueTable([name for s in self.sections for name in (s, *(f"{s}.{k}" for k in self.keys))])
+        self.table = ValueTable([name for s in self.sections
+                                 for name in (s, *(f"{s}.{k}{mark}" for k in self.keys for mark in ("", "?")))])
 
     def encode(self, results: Mapping[str, Sequence[Mapping[str, float] | None]]) -> torch.Tensor:
         """``results[section][k]``: peer k's metrics (None: not scored); every section, same peers."""
@@ -86,16 +90,27 @@ class MetricColumns:
         for section, per_peer in results.items():
             for row, result in zip(rows, per_peer):
                 if result is not None:
+                    unknown = set(result) - set(self.keys)
+                    if unknown:
+                        raise ValueError(f"metrics {sorted(unknown)} were not in the first evaluation's {list(self.keys)}")
                     row[section] = 1.0
-                    row.update({f"{section}.{key}": float(result[key]) for key in self.keys})
+                    for key in self.keys:
+                        if key in result:
+                            row[f"{section}.{key}"] = float(result[key])
+                            row[f"{section}.{key}?"] = 1.0
         return self.table.encode(rows)
 
     def decode(self, table: torch.Tensor) -> dict[str, list[dict[str, float] | None]]:
         rows = self.table.decode(table)
+
+        def value(row: Mapping[str, float], section: str, key: str) -> float:
+            v = row[f"{section}.{key}"]
+            return int(v) if key in self.int_keys else v
+
         return {
             section: [
                 None if row[section] != 1.0 else
-                {key: int(row[f"{section}.{key}"]) if key in self.int_keys else row[f"{section}.{key}"] for key in self.keys}
+                {key: value(row, section, key) for key in self.keys if row[f"{section}.{key}?"] == 1.0}
                 for row in rows
             ]
             for section in self.sections

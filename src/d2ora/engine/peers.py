@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from d2ora.dora.attach import attached_config, dora_layers, resolve_modules_to_save, set_submodule
+from d2ora.dora.layer import reusing_row_norms
 from d2ora.dora.stacked import StackedDoRALinear, StackedLinear
 from d2ora.engine.layout import AdapterLayout
 from d2ora.mixers.base import LayerStack
@@ -50,12 +51,17 @@ class PeerModel:
 
     @contextlib.contextmanager
     def serving(self, group: slice) -> Iterator[nn.Module]:
-        """Forward passes inside serve only the peers in ``group`` (peer groups bound activations)."""
+        """Forward passes inside serve only the peers in ``group`` (peer groups bound activations).
+
+        Inside, each DoRA layer computes its row norms once and reuses them while its adapter is
+        unchanged (greedy decoding, evaluation, checkpointed replays, accumulated micro-batches):
+        no optimizer may step inside (the trainer steps after leaving)."""
         previous = {name: m.active for name, m in self._stacked().items()}
         for m in self._stacked().values():
             m.active = group
         try:
-            yield self.model
+            with reusing_row_norms(self.layers.values()):
+                yield self.model
         finally:
             for name, m in self._stacked().items():
                 m.active = previous[name]

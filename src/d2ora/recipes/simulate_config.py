@@ -109,6 +109,7 @@ class NetworkSection(Section):
     mixing_steps: int = Field(1, ge=1, description="Gossip steps per round (each sends every adapter to each neighbour once more).")
     wire_dtype: str = Field("native", description=f"Dtype of adapters in messages: {', '.join(WIRE_DTYPES)} ('bf16': half the bytes of fp32; mixing still runs in fp32).")
     timeout_s: float = Field(300.0, gt=0, description="d2ora peer: seconds to wait for a neighbour's message before stopping with its name.")
+    round_timeout_s: float | None = Field(None, gt=0, description="d2ora peer --roster/--key (gRPC links): seconds each round waits for a neighbour's message; one that misses it is left out of that round's mix (weights renormalised) and recorded absent, and the run goes on (None: timeout_s).")
     drift: str = Field("none", description="Drift correction of the local steps (d2ora.engine.drift): none, qgm (quasi-global momentum, no extra bytes) or kgt (gradient tracking with local steps; doubles the bytes).")
     drift_beta: float = Field(0.9, ge=0, lt=1, description="qgm: the quasi-global momentum's β.")
     prox_mu: float = Field(0.0, ge=0, description="FedProx: weight μ of the proximal term μ/2·||x − x_round_start||² in every local step (0: none).")
@@ -187,7 +188,7 @@ class SimulateRunSection(RunSection):
     eval_peers: bool = Field(True, description="Score every peer's own model on the test set (else only the consensus model).")
     generate_examples: int = Field(
         16, ge=0,
-        description="sft: test (and validation) examples per evaluation and model answered by greedy decoding for "
+        description="sft: test examples per evaluation and model answered by greedy decoding for "
         "generative_accuracy (0: none); about 1.5 s an example for SmolLM2-135M on a 2-core CPU, so it is capped.",
     )
     save_adapters: bool = Field(True, description="Write every peer's final adapter (PEFT format).")
@@ -214,7 +215,7 @@ SIMULATE_MOVED_KEYS: dict[str, str] = {
     **{k: f"adapter.{k}" for k in ("r", "dropout", "target_modules", "use_rslora", "modules_to_save")},
     **{k: f"optim.{k}" for k in ("batch_size", "lr", "weight_decay", "warmup_ratio", "max_grad_norm")},
     **{k: f"network.{k}" for k in ("peers", "topology", "topology_params", "mixing", "mode", "mixer", "share",
-                                   "mixing_steps", "wire_dtype", "timeout_s", "drift", "drift_beta", "prox_mu",
+                                   "mixing_steps", "wire_dtype", "timeout_s", "round_timeout_s", "drift", "drift_beta", "prox_mu",
                                    "logit_adjust", "dimat_examples", "dimat_max_tokens")},
     "trust": "trust.mode",
     **{k: f"trust.{k}" for k in ("roster", "keys_dir", "key_passphrase_env", "max_update_norm", "robust", "robust_f",
@@ -241,7 +242,7 @@ class SimulateConfig(SectionedConfig):
     #: between the processes of one torchrun job. Where a process finds its keys and roster may
     #: differ per machine; the roster's *content* is agreed separately (its SHA-256 is in the run id).
     result_neutral_keys: ClassVar[frozenset[str]] = frozenset({
-        "run.eval_batch_size", "run.output_dir", "run.device", "run.peer_group_size", "network.timeout_s",
+        "run.eval_batch_size", "run.output_dir", "run.device", "run.peer_group_size", "network.timeout_s", "network.round_timeout_s",
         "run.checkpoint_every", "run.keep_checkpoints", "run.tensorboard", "run.save_adapters", "run.save_merged",
         "trust.roster", "trust.keys_dir", "trust.key_passphrase_env",
         # Recomputing activations changes float rounding at most, as peer_group_size does.

@@ -1,0 +1,315 @@
+"""``d2ora peer --roster roster.yaml --key peer-3.key``: one organisation's peer over gRPC links.
+
+No torchrun, no central store, no process that gathers every adapter. Each process hosts exactly
+one peer, the roster entry whose public key matches its key file, and talks only to its graph
+neighbours over :class:`~d2ora.p2p.link.PeerLink` (mutual TLS 1.3 pinned to the roster).
+
+Start-up: load the data and model as every runtime does (the same seeded partition, so peer k
+trains on the shard it has in ``d2ora simulate``), listen on the roster entry's ``address``, wait
+up to ``network.timeout_s`` for the neighbours (peers start in any order), then send each
+neighbour a start-up message (round 0) with the run's result config, the roster digest, the
+adapter layout and the run id, and refuse to go on, naming what differs, unless every neighbour's
+matches. Rounds: the same :class:`~d2ora.engine.loop.RoundLoop` as every runtime, over
+:class:`~d2ora.p2p.exchange.LinkExchange` (a neighbour that misses ``network.round_timeout_s`` is
+left out of that round's mix and recorded absent) wrapped by the trust layer: every message is
+signed with the peer's key and checked by the receiver, and each peer keeps its ledger.
+
+**Run id without a broadcast.** The envelopes' run nonce is ``SHA-256("d2ora p2p" | result-config
+digest | roster digest | --run-id)[:16]``: every peer derives it alone and equal, and the start-up
+message compares it. A fresh ``--run-id`` per run is what keeps one run's envelopes from
+verifying in another run of the same config and roster (the default, empty, does not).
+
+Outputs (``run.output_dir``, one folder per organisation): ``config.yaml``, ``metrics.jsonl/.csv``
+(this peer's train loss, its own adapter's scores after mixing, the neighbours absent each round),
+``adapters/peer-<k>``, ``ledger/peer-<k>.sqlite``, ``summary.json`` (with ``absent`` and
+``departed``) and ``report.md``. "Consensus" in them is this peer's own adapter after mixing: its
+estimate of the consensus, scored on the run's test split (each organisation holds a copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from rich.console import Console
+from rich.markup import escape
+
+from d2ora import atomic
+from d2ora.config_io import to_yaml
+from d2ora.data.tasks import Batch
+from d2ora.engine.evaluate import evaluate_peers
+from d2ora.engine.exchange import Exchange, Routes, wire_itemsize
+from d2ora.engine.host import PeerHost
+from d2ora.engine.loop import LocalCollector, LoopState, RoundContext, RoundLoop, RunSettings
+from d2ora.engine.memory import peak_memory
+from d2ora.engine.metrics_log import MetricsLog
+from d2ora.engine.monitor import ConsensusResult
+from d2ora.engine.records import RoundRecord
+from d2ora.p2p.exchange import Absence, LinkExchange
+from d2ora.p2p.link import PeerLink
+from d2ora.recipes.console_view import ConsoleView
+from d2ora.recipes.process_run import CONFIG_FILE, SUMMARY_FILE, describe_setup, run_summary
+from d2ora.recipes.session import build_network, open_session, remove_stale_outputs, save_peer_adapters, wire_dtype
+from d2ora.recipes.simulate_config import SimulateConfig
+from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, config_digest, folder_digests, rejection_summary
+from d2ora.runtime_support import resolve_device, seed_everything
+from d2ora.trust.envelope import ENVELOPE_BYTES
+from d2ora.trust.identity import IdentityError, Roster, load_private_key, load_roster, public_key_string
+from d2ora.trust.ledger import Ledger, Rejection
+
+#: The start-up message's (round, slot): rounds are numbered from 1.
+HELLO_ROUND, HELLO_SLOT = 0, 0
+#: Room for the start-up message (a JSON of the result config and the layout) besides the adapter.
+HELLO_ROOM = 1 << 20
+#: The check name an absent neighbour's message has in the ledger's ``rejected`` list.
+ABSENT = "absent"
+
+
+class LinkSetupError(RuntimeError):
+    """A peer that cannot start its part of the run; one line naming the peer and the problem."""
+
+
+# ------------------------------------------------------------------------------------ identity
+def peer_of_key(roster: Roster, key: Ed25519PrivateKey, key_path: str | os.PathLike[str]) -> int:
+    """The roster peer whose public key is ``key``'s; IdentityError naming the key otherwise."""
+    mine = public_key_string(key)
+    found = [peer for peer, member in sorted(roster.members.items()) if member.key_string == mine]
+    if not found:
+        raise IdentityError(f"{key_path}: its public key {mine} is not on the roster")
+    return found[0]
+
+
+def run_nonce(config: SimulateConfig, roster: Roster, run_id: str) -> bytes:
+    """The envelopes' run nonce, derived alike by every peer (no broadcast): see the module doc."""
+    text = "\n".join(["d2ora p2p", config_digest(config), roster.sha256, run_id])
+    return hashlib.sha256(text.encode()).digest()[:NONCE_BYTES]
+
+
+# ------------------------------------------------------------------------------------- start-up
+def hello(config: SimulateConfig, roster: Roster, host: PeerHost, run_id: str) -> dict[str, Any]:
+    """What every neighbour must hold the same of before round 1."""
+    return {"config": config.result_config(), "roster_sha256": roster.sha256, "layout": host.layout.describe(),
+            "run_id": run_id}
+
+
+def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The parts of two start-up messages that differ, named (config and layout by key)."""
+    found = []
+    for part, what in (("config", "config"), ("layout", "adapter layout")):
+        a, b = mine.get(part) or {}, theirs.get(part) or {}
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if keys:
+            found.append(f"{what} (differs in: {', '.join(keys)})")
+    if mine.get("roster_sha256") != theirs.get("roster_sha256"):
+        found.append(f"roster (sha256 {str(theirs.get('roster_sha256'))[:12]}..., this peer's {mine['roster_sha256'][:12]}...)")
+    if mine.get("run_id") != theirs.get("run_id"):
+        found.append(f"run id ({theirs.get('run_id')!r}, this peer's {mine['run_id']!r})")
+    return found
+
+
+def agree_with_neighbours(link: PeerLink, in_neighbours: Sequence[int], mine: dict[str, Any], deadline_s: float) -> None:
+    """Send ``mine`` to every out-neighbour and check every in-neighbour's; LinkSetupError naming
+    the first neighbour that is silent or differs (after our own message is out, so it refuses too)."""
+    body = json.dumps(mine, sort_keys=True).encode()
+    sent = [link.send(n, HELLO_ROUND, HELLO_SLOT, body, timeout_s=deadline_s) for n in link.neighbours]
+    received = link.receive(in_neighbours, HELLO_ROUND, HELLO_SLOT, deadline_s)
+    for call in sent:  # let ours arrive before a refusal closes the link
+        try:
+            call.result(timeout=deadline_s)
+        except grpc.RpcError:
+            pass
+    if received.missing:
+        raise LinkSetupError(f"peer {link.peer}: neighbour(s) {list(received.missing)} sent no start-up message "
+                             f"within {deadline_s:g} s (network.timeout_s)")
+    for neighbour, data in sorted(received.items()):
+        try:
+            theirs = json.loads(data)
+        except ValueError:
+            raise LinkSetupError(f"peer {link.peer}: neighbour {neighbour}'s start-up message is not JSON") from None
+        wrong = differences(mine, theirs if isinstance(theirs, dict) else {})
+        if wrong:
+            raise LinkSetupError(f"peer {neighbour} runs a different {'; '.join(wrong)} from peer {link.peer}; "
+                                 "every peer of a run must use the same config, roster and run id")
+
+
+# --------------------------------------------------------------------------- the loop's helpers
+class OwnAdapterMonitor:
+    """The loop's monitor in a process that sees only its own peer: it scores that peer's adapter
+    after mixing (its estimate of the consensus) on the test split; no distances (they need everyone)."""
+
+    members = None
+
+    def __init__(self, host: PeerHost, test_batches: Sequence[Batch]) -> None:
+        self.host, self.test_batches = host, list(test_batches)
+
+    def evaluate(self, all_flat: torch.Tensor, round_index: int) -> ConsensusResult:
+        host = self.host
+        test = evaluate_peers(host.peer_model, host.task, self.test_batches, host.device, peers=[0])[0]
+        return ConsensusResult(adapter=all_flat[0].clone(), test=test,
+                               distances={"magnitude": None, "product": None, "merged": None})
+
+
+class LinkMetricsLog(MetricsLog):
+    """metrics.jsonl as every run writes it, plus ``absent``: the neighbours' messages this peer
+    mixed without in the round, with the reason."""
+
+    def __init__(self, directory: Path, metric: str, absences_in: Callable[[int], list[Absence]]) -> None:
+        super().__init__(directory, metric)
+        self.absences_in = absences_in
+
+    def on_round(self, record: RoundRecord) -> None:
+        self.append({**record.to_row(), "absent": [a.to_dict() for a in self.absences_in(record.round)]})
+
+
+class LinkConsoleView(ConsoleView):
+    """The progress bar as every run shows it; one line per round: this peer's own score (no consensus
+    distance: it needs every adapter) and the neighbours it mixed without."""
+
+    def __init__(self, console: Console, metric: str, rounds: int, local_steps: int,
+                 absences_in: Callable[[int], list[Absence]]) -> None:
+        super().__init__(console, metric, rounds, local_steps)
+        self.absences_in = absences_in
+
+    def on_round(self, record: RoundRecord) -> None:
+        parts = [f"round {record.round}"]
+        if record.evaluation is not None:
+            value = record.evaluation.consensus_test[self.metric]
+            parts.append(f"own adapter {self.metric} " + (f"{100 * value:.1f}%" if self.metric == "accuracy" else f"{value:.4g}"))
+        absent = sorted({a.peer for a in self.absences_in(record.round)})
+        if absent:
+            parts.append(f"mixed without peer(s) {absent}")
+        if len(parts) > 1:
+            self.progress.console.print(": ".join(parts[:2]) + "".join(", " + p for p in parts[2:]))
+
+
+class AbsenceRecordingLedger:
+    """A peer's ledger whose round blocks also list each absent neighbour's message, as a rejected
+    record with check ``absent`` and the reason (the ledger takes any check name; no envelope)."""
+
+    def __init__(self, ledger: Ledger, absences_in: Callable[[int], list[Absence]]) -> None:
+        self._ledger, self._absences_in = ledger, absences_in
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    def append_round(self, round: int, accepted: Sequence[bytes], rejected: Sequence[Rejection],
+                     sent: Sequence[tuple[int, bytes]], adapter_sha256: str) -> Any:
+        absent = [Rejection(sender=a.peer, step=a.slot, check=ABSENT, detail=a.reason) for a in self._absences_in(round)]
+        return self._ledger.append_round(round, accepted, [*rejected, *absent], sent, adapter_sha256)
+
+
+# ------------------------------------------------------------------------------------------ run
+def run_link_peer(config: SimulateConfig, roster_path: str | os.PathLike[str], key_path: str | os.PathLike[str], *,
+                  console: Console | None = None, run_id: str = "", passphrase_env: str | None = None,
+                  listen: str | None = None) -> dict[str, Any]:
+    """This organisation's peer of the run; returns its summary.json's content."""
+    console = console or Console()
+    started = time.perf_counter()
+    roster = load_roster(roster_path)
+    passphrase = None
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
+        if value is None:
+            raise IdentityError(f"--passphrase-env names {passphrase_env}, which is not set")
+        passphrase = value.encode()
+    key = load_private_key(key_path, passphrase)
+    peer = peer_of_key(roster, key, key_path)
+    if config.centralized:
+        raise LinkSetupError("mode centralized trains one peer on pooled data: there is nothing to link")
+    roster.check_covers(config.network.peers)
+    address = listen or roster.members[peer].address
+    if address is None:
+        raise LinkSetupError(f"roster peer {peer} has no address: add address: \"host:port\" (where it listens) to its entry")
+    seed_everything(config.run.seed)
+    device = resolve_device(config.run.device)
+    output_dir = atomic.ensure_writable_dir(config.run.output_dir)
+    build_network(config, [1] * config.network.peers)  # a bad topology fails before anything loads
+    session = open_session(config, device, lambda peers: range(peer, peer + 1))
+    describe_setup(session, console)
+    host, network = session.host, session.network
+    routes = Routes(network.weights)
+    round_timeout = config.network.round_timeout_s or config.network.timeout_s
+    message_bytes = session.share.message_numel * wire_itemsize(host.layout.dtype, wire_dtype(config))
+    link = PeerLink(peer, key, roster, routes.out_neighbours(peer), in_neighbours=routes.in_neighbours(peer), listen=address,
+                    max_payload=message_bytes + ENVELOPE_BYTES + HELLO_ROOM, send_timeout_s=config.network.timeout_s)
+    try:
+        link.start()
+        console.print(f"peer {peer} listens on {address}; neighbours {link.neighbours}")
+        link.connect(config.network.timeout_s, strict=True)
+        agree_with_neighbours(link, routes.in_neighbours(peer), hello(config, roster, host, run_id), config.network.timeout_s)
+        return _run(session, output_dir, link, routes, roster, key, run_nonce(config, roster, run_id), round_timeout,
+                    console, started)
+    finally:
+        link.close()
+
+
+def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster: Roster, key: Ed25519PrivateKey,
+         nonce: bytes, round_timeout: float, console: Console, started: float) -> dict[str, Any]:
+    config, host = session.config, session.host
+    peer = link.peer
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # no resume on links: an old one is not this run's
+    links = LinkExchange(routes, link, host.layout.dtype, wire_dtype(config), round_timeout_s=round_timeout,
+                         attachment_bytes=ENVELOPE_BYTES)
+    trust = TrustRun(config, host, routes, output_dir, roster, {peer: key}, nonce,
+                     warn=lambda line: console.print(f"[yellow]peer {peer}: {escape(line)}[/yellow]"))
+    trust.ledgers = {p: AbsenceRecordingLedger(ledger, links.absences_in) for p, ledger in trust.ledgers.items()}  # type: ignore[misc]
+    exchange: Exchange = session.share.wrap(trust.wrap(links, session.share.message_numel))
+    metric = session.data.task.metric
+    if hasattr(session.data.task, "generate_examples"):  # sft: the cap on generated answers per evaluation
+        session.data.task.generate_examples = config.run.generate_examples
+    atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
+    log = LinkMetricsLog(output_dir, metric, links.absences_in)
+    view = LinkConsoleView(console, metric, config.run.rounds, config.run.local_steps, links.absences_in)
+    settings = RunSettings(rounds=config.run.rounds, eval_every=config.run.eval_every, eval_peers=config.run.eval_peers, peers=1)
+    loop = RoundLoop(RoundContext(
+        host=host, exchange=exchange, collector=LocalCollector(), plan=session.plan, settings=settings,
+        test_batches=session.test_batches, val_batches=session.val_batches,
+        monitor=OwnAdapterMonitor(host, session.test_batches),  # type: ignore[arg-type]
+        listeners=[log, view], on_step=view.on_step, after_round=trust.after_round,
+    ))
+    with view:
+        loop.run(LoopState())
+    # The last round's messages must reach the neighbours before the link closes (closing cancels them).
+    links.flush(round_timeout)
+    for absence in links.absences:
+        console.print(f"[yellow]peer {peer}: round {absence.round} slot {absence.slot}: mixed without peer "
+                      f"{absence.peer} ({escape(absence.reason)})[/yellow]")
+    remove_stale_outputs(config, output_dir, session.peers)
+    save_peer_adapters(session, output_dir)
+    trust.finish()
+    trust.close()
+    shutil.rmtree(output_dir / "consensus", ignore_errors=True)  # no consensus adapter here: no one holds every adapter
+    peak, kind = peak_memory(host.device)
+    departed = list(links.departed(config.run.rounds))
+    extra: dict[str, Any] = {
+        "transport": "grpc-mtls", "peer": peer, "neighbours": routes.in_neighbours(peer), "run_nonce": nonce.hex(),
+        "round_timeout_s": round_timeout, "absent": [a.to_dict() for a in links.absences], "departed": departed,
+        "trust": {"mode": "keys", "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
+                  "rejected_total": int(trust.rejections.sum()), "rejected_by_sender": rejection_summary(trust.rejections),
+                  "seconds": {k: round(v, 4) for k, v in trust.seconds.items()}},
+        "peak_memory_mb": [round(peak / 2**20, 1)], "peak_memory_kind": kind,
+        "adapter_files": folder_digests(output_dir, [f"adapters/peer-{peer}"]),
+    }
+    adapters = [f"adapters/peer-{peer}"] if config.run.save_adapters else []
+    summary = run_summary(session, log.rows, time.perf_counter() - started,
+                          {"adapters": adapters, "consensus_adapter": None, "merged_model": None}, **extra)
+    summary.write(output_dir / SUMMARY_FILE)
+    for gone in departed:
+        console.print(f"[yellow]peer {peer}: neighbour {gone['peer']} left after round {gone['last_heard_round']}[/yellow]")
+    from d2ora.report import write_run_report
+
+    report = write_run_report(output_dir, summary, log.rows)
+    console.print(f"report: {report} ({summary.runtime_s:.0f} s)")
+    return summary.to_dict()
+
+
+__all__ = ["LinkSetupError", "peer_of_key", "run_link_peer", "run_nonce"]
