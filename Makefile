@@ -1,4 +1,5 @@
-# The README's two commands: `make run` (set up, then the offline default job) and `make test`.
+# The README's two commands: `make run` (set up, then the offline default job) and `make test`;
+# `make sft` runs the second default (an LLM fine-tuned across peers).
 PYTHON ?= python3
 VENV ?= .venv
 # The local CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build.
@@ -7,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_VERBOSITY ?= error
 
-.PHONY: setup run test bench clean
+.PHONY: setup run sft test bench clean
 
 setup: $(VENV)/.d2ora-installed
 
@@ -22,6 +23,10 @@ $(VENV)/.d2ora-installed: pyproject.toml
 
 run: setup
 	$(BIN)/d2ora simulate
+
+# The second default: decentralized SFT of SmolLM2-135M on the offline BBC News instruction task.
+sft: setup
+	$(BIN)/d2ora simulate --config configs/sft_default.yaml
 
 test: setup
 	$(BIN)/python -m pytest

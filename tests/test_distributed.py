@@ -22,31 +22,18 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertModel
 
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.peer import torchrun_command
 from d2ora.recipes.simulate import simulate
 from d2ora.recipes.sections import migrate_flat
 from d2ora.recipes.simulate_config import SimulateConfig
-from tests.conftest import minilm_path, simulate_config
+from tests.conftest import simulate_config
 from tests.test_sft import tiny_llama_dir  # noqa: F401 (a fixture: a tiny Llama saved with a word tokenizer)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 GUARDED = REPO / "tests" / "guarded_peer.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory) -> str:
-    """A 2-layer random BERT with MiniLM's tokenizer: real text, milliseconds per step."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
-    return str(path)
 
 
 def base_config(model: str, **changes) -> dict:
@@ -164,7 +151,7 @@ def test_processes_end_with_the_simulators_adapters_and_metrics(tiny_bert_dir: s
     assert row["wire_bytes"] == messages_per_link * crossing * (summary["message_bytes"] + 64)
 
 
-def test_sft_processes_equal_the_simulator(tiny_llama_dir: str, tmp_path: Path) -> None:
+def test_sft_processes_equal_the_simulator(tiny_llama_dir: str, tmp_path: Path) -> None:  # noqa: F811
     """The LLM path under torchrun: chat-format SFT of a Llama-architecture model (answer tokens only,
     greedy answers for generative accuracy) in 2 processes ends as the simulator's run does."""
     data = base_config(tiny_llama_dir, peers=4, mixer="decaf", task="sft", max_length=96, max_train_samples=60,

@@ -23,7 +23,7 @@ from d2ora import (
     merge_and_save,
     save_adapter,
 )
-from tests.conftest import load_causal, load_minilm_classifier, minilm_path, relative_error
+from tests.conftest import load_causal, load_minilm_classifier, minilm_path, randomise_peft_adapter, relative_error
 
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 
@@ -89,15 +89,7 @@ def test_peft_dora_adapter_loads_in_d2ora_with_same_logits(family, tmp_path: Pat
         r=4, lora_alpha=8, use_dora=True, use_rslora=config.use_rslora, target_modules=config.target_modules,
         modules_to_save=config.modules_to_save or None, fan_in_fan_out=is_gpt2,
     ))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in theirs.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.05)
-            if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.2 * torch.rand(param.shape, generator=g))
-            if "modules_to_save" in name:
-                param.copy_(torch.randn(param.shape, generator=g))
+    randomise_peft_adapter(theirs, seed=1)
     theirs.eval().save_pretrained(tmp_path)
 
     ours = load_model()

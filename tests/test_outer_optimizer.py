@@ -11,7 +11,6 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertConfig, BertModel
 
 import d2ora.engine.round as round_module
 from d2ora.config_io import ConfigError, load_config
@@ -20,7 +19,6 @@ from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
 from tests.conftest import (
     crash_at_local_step,
-    minilm_path,
     simulate_config,
     stacked_tiny_classifier,
 )
@@ -28,18 +26,6 @@ from tests.conftest import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NESTEROV = {"outer_optimizer": "nesterov", "outer_lr": 0.7, "outer_momentum": 0.9}
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory) -> str:
-    """A 2-layer random BERT with MiniLM's tokenizer: real text, milliseconds per step."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(path)
-    return str(path)
 
 
 def run(model: str, out: Path, network: dict | None = None, resume: bool = False, **changes) -> dict:

@@ -40,7 +40,6 @@ from d2ora.trust.identity import load_private_key, public_key_string, write_priv
 from d2ora.trust.ledger import Ledger, ledger_path
 from tests.conftest import simulate_config
 from tests.test_distributed import base_config, env, free_port, write_config
-from tests.test_distributed import tiny_bert_dir  # noqa: F401, F811 (a fixture: a tiny random BERT with MiniLM's tokenizer)
 
 #: Bound on any one process (they stop by themselves long before; this only keeps a bug from hanging CI).
 PROCESS_LIMIT_S = 240

@@ -31,7 +31,7 @@ from d2ora.dora.frozen_base import FrozenBase, is_quantized_layer
 from d2ora.dora.layer import DoRALinear
 from d2ora.dora.stacked import StackedDoRALinear
 from d2ora.models import ModelLoadError, load_model, quantize_linears
-from tests.conftest import relative_error
+from tests.conftest import randomise_peft_adapter, relative_error
 
 KINDS = ["nf4", "int8"]
 TOKENS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -173,13 +173,7 @@ def test_d2ora_qdora_adapter_loads_in_peft(llama_dir: str, kind: str, tmp_path: 
 @pytest.mark.parametrize("kind", KINDS)
 def test_peft_qdora_adapter_loads_in_d2ora(llama_dir: str, kind: str, tmp_path: Path) -> None:
     theirs = get_peft_model(quantized(llama_dir, kind), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=g))
+    randomise_peft_adapter(theirs, seed=2)
     theirs.eval()
     theirs.save_pretrained(tmp_path)
     ours = quantized(llama_dir, kind)

@@ -33,7 +33,7 @@ def peer(
     passphrase_env: Annotated[str | None, typer.Option("--passphrase-env", help="With --roster: the environment variable holding --key's passphrase.", show_default=False)] = None,
     listen: Annotated[str | None, typer.Option("--listen", help="With --roster: host:port to listen on (default: this peer's roster address).", show_default=False)] = None,
 ) -> None:
-    """Run one process of a decentralized run; torchrun or d2ora launch starts it, or, with --roster and --key, each organisation starts its own.
+    """Run one process of a decentralized run: torchrun starts it, or each organisation its own.
 
     On every node, for example:
 
