@@ -50,17 +50,16 @@ from d2ora.engine.evaluate import evaluate_peers
 from d2ora.engine.exchange import Exchange, Routes, wire_itemsize
 from d2ora.engine.host import PeerHost
 from d2ora.engine.loop import LocalCollector, LoopState, RoundContext, RoundLoop, RunSettings
-from d2ora.engine.memory import peak_memory
 from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.monitor import ConsensusResult
 from d2ora.engine.records import RoundRecord
 from d2ora.p2p.exchange import Absence, LinkExchange
 from d2ora.p2p.link import PeerLink
 from d2ora.recipes.console_view import ConsoleView
-from d2ora.recipes.process_run import CONFIG_FILE, SUMMARY_FILE, describe_setup, run_summary
+from d2ora.recipes.process_run import CONFIG_FILE, SUMMARY_FILE, describe_setup, gather_peak_memory, run_summary, trust_summary
 from d2ora.recipes.session import build_network, open_session, remove_stale_outputs, save_peer_adapters, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
-from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, config_digest, folder_digests, rejection_summary
+from d2ora.recipes.trust_run import NONCE_BYTES, TrustRun, config_digest, folder_digests
 from d2ora.runtime_support import resolve_device, seed_everything
 from d2ora.trust.envelope import ENVELOPE_BYTES
 from d2ora.trust.identity import IdentityError, Roster, load_private_key, load_roster, public_key_string
@@ -264,8 +263,6 @@ def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster:
     trust.ledgers = {p: AbsenceRecordingLedger(ledger, links.absences_in) for p, ledger in trust.ledgers.items()}  # type: ignore[misc]
     exchange: Exchange = session.share.wrap(trust.wrap(links, session.share.message_numel))
     metric = session.data.task.metric
-    if hasattr(session.data.task, "generate_examples"):  # sft: the cap on generated answers per evaluation
-        session.data.task.generate_examples = config.run.generate_examples
     atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
     log = LinkMetricsLog(output_dir, metric, links.absences_in)
     view = LinkConsoleView(console, metric, config.run.rounds, config.run.local_steps, links.absences_in)
@@ -288,15 +285,13 @@ def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster:
     trust.finish()
     trust.close()
     shutil.rmtree(output_dir / "consensus", ignore_errors=True)  # no consensus adapter here: no one holds every adapter
-    peak, kind = peak_memory(host.device)
+    peaks = gather_peak_memory(LocalCollector(), host.device, 1, config.run.rounds + 2)
     departed = list(links.departed(config.run.rounds))
     extra: dict[str, Any] = {
         "transport": "grpc-mtls", "peer": peer, "neighbours": routes.in_neighbours(peer), "run_nonce": nonce.hex(),
         "round_timeout_s": round_timeout, "absent": [a.to_dict() for a in links.absences], "departed": departed,
-        "trust": {"mode": "keys", "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
-                  "rejected_total": int(trust.rejections.sum()), "rejected_by_sender": rejection_summary(trust.rejections),
-                  "seconds": {k: round(v, 4) for k, v in trust.seconds.items()}},
-        "peak_memory_mb": [round(peak / 2**20, 1)], "peak_memory_kind": kind,
+        "trust": trust_summary(trust, trust.rejections, mode="keys"),
+        **(peaks or {}),
         "adapter_files": folder_digests(output_dir, [f"adapters/peer-{peer}"]),
     }
     adapters = [f"adapters/peer-{peer}"] if config.run.save_adapters else []

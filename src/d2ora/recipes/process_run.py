@@ -67,10 +67,11 @@ def run_summary(session: Session, rows: list[dict[str, Any]], runtime_s: float, 
     })
 
 
-def trust_summary(trust: TrustRun, rejections: torch.Tensor) -> TrustSummary:
+def trust_summary(trust: TrustRun, rejections: torch.Tensor, mode: str | None = None) -> TrustSummary:
     """summary.json's trust section: the ledgers, the rejected messages per sender and check, and
-    this process's signing, checking and ledger time (seconds)."""
-    return TrustSummary.model_validate({"mode": trust.config.trust.mode, "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
+    this process's signing, checking and ledger time (seconds). ``mode``: the config's trust mode
+    unless given (links always sign, whatever the config says)."""
+    return TrustSummary.model_validate({"mode": mode or trust.config.trust.mode, "ledger": LEDGER_DIR, "run_id": trust.run_id.hex(),
                                          "rejected_total": int(rejections.sum()), "rejected_by_sender": rejection_summary(rejections),
                                          "seconds": {k: round(v, 4) for k, v in trust.seconds.items()}})
 
@@ -114,8 +115,6 @@ def run_rounds_and_report(
     config, host, network = session.config, session.host, session.network
     metric = session.data.task.metric
     monitor = collector.is_monitor
-    if hasattr(session.data.task, "generate_examples"):  # sft: the cap on generated answers per evaluation
-        session.data.task.generate_examples = config.run.generate_examples
     listeners: list[Any] = []
     log = board = None
     if monitor:

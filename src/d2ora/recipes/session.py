@@ -368,6 +368,8 @@ def open_session(config: SimulateConfig, device: torch.device, block: Callable[[
         batch_size=config.peer_batch_size, seed=config.run.seed, align_examples=config.network.dimat_examples,
         align_max_tokens=config.network.dimat_max_tokens,
     )
+    if isinstance(data.task, SFTTask):  # the cap on greedy answers per evaluation, in every runtime
+        data.task.generate_examples = config.run.generate_examples
     test_batches = collated(data.test.to_list(), collate, config.run.eval_batch_size)
     val_batches = [collated([data.train_rows[i] for i in data.val_shards[k]], collate, config.run.eval_batch_size) for k in hosted]
     share = SharePolicy(host.layout, config.network.share)
