@@ -81,8 +81,9 @@ def flat(folder: Path) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_link_peers_end_with_the_simulators_adapters(tiny_bert_dir: str, tmp_path: Path) -> None:
-    # A star: the leaves are not each other's neighbours, and the hub's weights differ from theirs.
-    peers = 3
+    # Five organisations on a star: the leaves are not each other's neighbours, and the hub's
+    # weights differ from theirs.
+    peers = 5
     data = base_config(tiny_bert_dir, peers=peers, mixer="decaf", rounds=2, topology="star")
     reference = tmp_path / "simulated"
     simulate(simulate_config(**{**data, "output_dir": reference}))

@@ -64,6 +64,8 @@ def verify(
         for line in report.lines():  # the first line names the ledger file, the peer and the block
             out.print(f"[red]{escape(line)}[/red]")
         out.print(f"[red]{escape(report.summary())}[/red]")
+    for line in report.explanations():  # declared gaps (a peer that left and rejoined): legitimate, said why
+        out.print(f"gap: {escape(line)}" if line.startswith("peer ") else f"note: {escape(line)}")
     if report.self_anchored:
         note.print("[yellow]note: checked against the run folder's own ledger/roster.json; give --roster with a roster "
                    "you trust to tie the signatures to the peers' real keys[/yellow]")

@@ -42,20 +42,18 @@ def peer(
 
     Each process hosts a contiguous block of the peers; every process must get the same config. Under torchrun --max-restarts, a restarted job continues from the newest checkpoint all processes hold.
 
-    Between organisations, each runs its one peer: d2ora peer --config run.yaml --roster roster.yaml --key peer-3.key. Peers start in any order, wait up to network.timeout_s for their neighbours, refuse a neighbour whose config, roster or adapter layout differs, sign every message, and mix without a neighbour that misses network.round_timeout_s (recorded in metrics, summary and ledger). No checkpoints or --resume on links yet.
+    Between organisations, each runs its one peer: d2ora peer --config run.yaml --roster roster.yaml --key peer-3.key. Peers start in any order, wait up to network.timeout_s for their neighbours, refuse a neighbour whose config, roster or adapter layout differs, sign every message, and mix without a neighbour that misses network.round_timeout_s (recorded in metrics, summary and ledger). A peer that stopped comes back with --resume <its output folder> (same --roster, --key and --run-id): it restores its newest checkpoint, takes its neighbours' current mix and goes on; its ledger records the rounds it missed.
     """
     updates: dict[str, Any] = {} if output_dir is None else {"run.output_dir": str(output_dir)}
     if roster is not None or key is not None:
         if roster is None or key is None:
             raise fail("--roster and --key go together: the roster of the run and this peer's key")
-        if resume is not None:
-            raise fail("--resume is not supported over links (--roster) yet")
         from d2ora.p2p.inbox import LinkError
         from d2ora.recipes.p2p_peer import LinkSetupError, run_link_peer
 
         try:
-            run_link_peer(load_run_config(config, set_, updates, None), roster, key, console=console_for_logs(), run_id=run_id,
-                          passphrase_env=passphrase_env, listen=listen)
+            run_link_peer(load_run_config(config, set_, updates, resume), roster, key, console=console_for_logs(), run_id=run_id,
+                          passphrase_env=passphrase_env, listen=listen, resume=resume is not None)
         except (*user_errors(), LinkError, LinkSetupError) as exc:
             raise fail(str(exc)) from None
         return

@@ -41,7 +41,7 @@ def console_for_logs() -> Console:
 def user_errors() -> tuple[type[Exception], ...]:
     from d2ora.data.partition import PartitionError
     from d2ora.distributed.exchange import PeerSilentError
-    from d2ora.distributed.group import DistributedSetupError
+    from d2ora.distributed.group import DistributedSetupError, ProcessLostError
     from d2ora.distributed.wire import WireError
     from d2ora.engine.checkpoint import CheckpointError
     from d2ora.engine.round import DivergedError
@@ -50,7 +50,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from d2ora.trust.ledger import LedgerError
 
     return (*USER_ERRORS, PartitionError, TopologyError, DivergedError, CheckpointError, PeerSilentError,
-            DistributedSetupError, WireError, IdentityError, LedgerError)
+            DistributedSetupError, ProcessLostError, WireError, IdentityError, LedgerError)
 
 
 def load_run_config(config: Path | None, set_: list[str] | None, updates: dict[str, Any], resume: Path | None) -> Any:

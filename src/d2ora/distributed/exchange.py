@@ -15,23 +15,32 @@ import torch
 import torch.distributed as dist
 
 from d2ora.distributed import wire
-from d2ora.distributed.group import Group, explain_timeout
+from d2ora.distributed.group import DIST_FAILURES, Group, ProcessLostError, explain_loss, guarded, symptom
 from d2ora.engine.exchange import Attachments, Inbox, Payloads, Routes, local_inbox, wire_itemsize
 
 
-class PeerSilentError(RuntimeError):
+class PeerSilentError(ProcessLostError):
     """A neighbour's message did not arrive in time (or its process is gone)."""
 
 
-def _wait(works: Sequence[dist.Work], describe: Callable[[int], str], group: Group, round_index: int) -> None:
+def _timed_out(exc: BaseException) -> bool:
+    # Wording only (what the line says happened); which errors are caught never depends on it.
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _wait(works: Sequence[dist.Work], describe: Callable[[int], str], group: Group, where: int | str) -> None:
     """Wait for every operation; the first that fails or times out stops the job with one line."""
     for index, work in enumerate(works):
         try:
             work.wait(group.timeout)
-        except RuntimeError:
-            mine = f"{describe(index)} within {group.timeout.total_seconds():g} s"
+        except DIST_FAILURES as exc:
+            if _timed_out(exc):
+                mine = f"{describe(index)} within {group.timeout.total_seconds():g} s"
+            else:  # a closed connection: the process at the other end is most likely gone
+                mine = f"{describe(index)}: {symptom(exc)}"
             # Our wait may be a symptom (a neighbour stuck on a third process): name the silent one.
-            raise PeerSilentError(explain_timeout(group, mine, round_index)) from None
+            raise PeerSilentError(explain_loss(group, mine, where)) from None
 
 
 class DistributedExchange:
@@ -102,7 +111,9 @@ class DistributedExchange:
             receives.append(((j, i), buffer))
             ops.append(dist.P2POp(dist.irecv, buffer, self.owner(j), tag=self._tag(j, i)))
         if ops:
-            works = dist.batch_isend_irecv(ops)
+            # Posting can fail too (gloo refuses a send on a connection a dead process closed).
+            with guarded(self.group, round_index, f"posting gossip step {step}'s messages"):
+                works = dist.batch_isend_irecv(ops)
             pairs = self.outbound + self.inbound
             n_out = len(self.outbound)
 
@@ -134,10 +145,12 @@ class DistributedCollector:
 
     VALUES, ADAPTERS = 1, 2
 
-    def __init__(self, group: Group, blocks: Sequence[range], peers: int) -> None:
+    def __init__(self, group: Group, blocks: Sequence[range], peers: int, rounds: int | None = None) -> None:
         self.group = group
         self.blocks = list(blocks)
         self.peers = peers
+        #: The run's last round: gathers numbered past it collect the final results (messages say so).
+        self.rounds = rounds
         self.is_monitor = group.is_root
         self.buffer_device = group.device if group.backend == "nccl" else torch.device("cpu")
 
@@ -145,14 +158,23 @@ class DistributedCollector:
         # Above every exchange tag (1 + P·P).
         return 2 + self.peers * self.peers + kind * self.group.world_size + rank
 
+    def _where(self, round_index: int) -> int | str:
+        if self.rounds is not None and round_index > self.rounds:
+            return f"while collecting the final results (after round {self.rounds})"
+        return round_index
+
     def _gather(self, local: torch.Tensor, kind: int, round_index: int) -> torch.Tensor | None:
         group = self.group
         local = local.to(self.buffer_device).contiguous()
         width, dtype = local.shape[1], local.dtype
+        where = self._where(round_index)
+        results = f"round {round_index}'s results" if where == round_index else "the final results"
         if not group.is_root:
             header = wire.Header(round_index, kind, group.rank, 0, local.numel(), dtype)
-            work = dist.isend(wire.encode(header, local.reshape(-1)), 0, tag=self._tag(kind, group.rank))
-            _wait([work], lambda _: f"process 0 did not collect round {round_index}'s results from process {group.rank}", group, round_index)
+            message = wire.encode(header, local.reshape(-1))
+            with guarded(group, where, "sending results to process 0"):
+                work = dist.isend(message, 0, tag=self._tag(kind, group.rank))
+            _wait([work], lambda _: f"process 0 did not collect {results} from process {group.rank}", group, where)
             return None
         parts = [local]
         works, buffers = [], []
@@ -160,15 +182,15 @@ class DistributedCollector:
             n = len(self.blocks[rank]) * width
             buffer = torch.empty(wire.buffer_bytes(n, dtype), dtype=torch.uint8, device=self.buffer_device)
             buffers.append((rank, n, buffer))
-            works.append(dist.irecv(buffer, rank, tag=self._tag(kind, rank)))
+            with guarded(group, where, f"receiving process {rank}'s results"):
+                works.append(dist.irecv(buffer, rank, tag=self._tag(kind, rank)))
         blocks = self.blocks
 
         def describe(index: int) -> str:
             rank = buffers[index][0]
-            return (f"peers {blocks[rank].start}..{blocks[rank].stop - 1} (process {rank}) sent no results "
-                    f"for round {round_index}")
+            return f"peers {blocks[rank].start}..{blocks[rank].stop - 1} (process {rank}) sent none of {results}"
 
-        _wait(works, describe, group, round_index)
+        _wait(works, describe, group, where)
         for rank, n, buffer in buffers:
             payload = wire.decode(buffer, wire.Header(round_index, kind, rank, 0, n, dtype))
             parts.append(payload.reshape(-1, width))

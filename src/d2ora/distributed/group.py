@@ -10,16 +10,23 @@ itself stuck waiting for a third one). Every process therefore beats a counter i
 store once a second from a background thread; a failed wait looks for the processes whose
 counters stopped and names them. A process that fails for another reason (a diverged peer) writes
 its line into the store, and the others report that line instead of their own symptom.
+
+A process that dies (kill -9, out of memory) does not time anyone out: its sockets close and gloo
+(or NCCL, or the store) raises at once in whichever torch.distributed call its neighbours are in.
+Every such call runs under :func:`guarded` (or the exchange's waits), which turns the failure into
+one :class:`ProcessLostError` line: who died, where (round or set-up step), and what happens next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -34,6 +41,22 @@ class DistributedSetupError(RuntimeError):
     """A job that cannot start: missing torchrun variables, disagreeing processes."""
 
 
+class ProcessLostError(RuntimeError):
+    """Another process of the job died or stopped answering: this one stops with one line."""
+
+
+#: What a torch.distributed call raises when another process is gone: gloo a RuntimeError
+#: ("Connection closed by peer", "Connection reset", a timeout) or DistBackendError, NCCL
+#: DistBackendError, the store DistStoreError / DistNetworkError. All are RuntimeErrors; DistError
+#: is named so the intent survives a torch that stops deriving it from RuntimeError. Caught only
+#: around the calls themselves, so a bug in d2ora's own code still shows its traceback.
+DIST_FAILURES: tuple[type[Exception], ...] = (dist.DistError, RuntimeError)
+
+
+def _start_again() -> str:
+    return "the run stops here; start it again"
+
+
 @dataclass
 class Group:
     rank: int
@@ -45,6 +68,10 @@ class Group:
     store: dist.Store
     #: Names a process in messages; the recipe sets it once it knows which peers each one hosts.
     describe: Callable[[int], str] = field(default=lambda rank: f"process {rank}")
+    #: What happens after a failure (the run stops; how to continue): the recipe knows the folder.
+    next_steps: Callable[[], str] = field(default=_start_again)
+    #: The process whose death takes the store with it (rank 0 when no torchrun agent hosts it).
+    store_host: int | None = None
     _stop_beat: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -77,14 +104,23 @@ def start(timeout_s: float, device_name: str = "auto") -> Group:
     timeout = timedelta(seconds=timeout_s)
     # The public env:// rendezvous gives the same store torchrun's workers use; keeping a handle on
     # it lets a failing process leave its reason for the others.
-    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     # torchrun keeps one store across --max-restarts attempts: a restarted job must not read the
     # failed attempt's keys (gloo would connect to the dead processes' addresses).
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     prefix = f"d2ora/attempt-{attempt}/"
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix + "pg/", store), rank=rank, world_size=world_size,
-                            timeout=timeout)
+    try:
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        dist.init_process_group(backend, store=dist.PrefixStore(prefix + "pg/", store), rank=rank,
+                                world_size=world_size, timeout=timeout)
+    except DIST_FAILURES as exc:  # a process that never came, or died while the others joined
+        raise DistributedSetupError(
+            f"process {os.environ['RANK']} could not join the job at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+            f"within {timeout_s:g} s ({symptom(exc)}): every one of the {os.environ['WORLD_SIZE']} processes must start "
+            "and stay up; start the job again"
+        ) from None
     group = Group(rank, world_size, local_rank, backend, device, timeout, dist.PrefixStore(prefix, store))
+    # env:// makes rank 0 the store's server unless torchrun's agent serves it (it outlives workers).
+    group.store_host = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
     # Its own store connection: the beat thread must never interleave with the main thread's calls.
     beat_store = dist.PrefixStore(prefix, dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                                         is_master=False, timeout=timeout))
@@ -101,54 +137,135 @@ def _beat(store: dist.Store, rank: int, stop_event: threading.Event) -> None:
         stop_event.wait(HEARTBEAT_S)
 
 
-def stop(group: Group | None) -> None:
+def stop(group: Group | None, failed: bool = False) -> None:
+    """Leave the job. After a failure the process group may be broken (a peer is gone): its
+    teardown's error must not replace the line that says why the run stopped."""
     if group is not None:
+        if not failed:
+            # A process that finished its part (the final gathers sent) stops beating too: the
+            # others must not take its silence for a death if one of them fails after it left.
+            # The store may already be gone at the end of the job: then nobody is left to ask.
+            with contextlib.suppress(Exception), _native_warnings_hidden():
+                group.store.set(f"done/{group.rank}", "1")
         group._stop_beat.set()
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except DIST_FAILURES:
+                if not failed:
+                    raise
+
+
+@contextlib.contextmanager
+def _native_warnings_hidden() -> Iterator[None]:
+    """Silence file descriptor 2 while probing a store that may be gone: c10d logs a multi-line
+    C++ warning with a stack trace on every failed store call, and the line this process ends with
+    is the whole story. (Python's own stderr is flushed first and restored after.)"""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # no fd 2 to borrow (embedded use): probe with the warnings
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _silent(group: Group, watch_s: float) -> list[int] | None:
+    """Processes whose heartbeat did not move for ``watch_s``; None when the store is unreachable."""
+    try:
+        with _native_warnings_hidden():
+            before = [group.store.add(f"beat/{r}", 0) for r in range(group.world_size)]
+        time.sleep(watch_s)
+        with _native_warnings_hidden():
+            after = [group.store.add(f"beat/{r}", 0) for r in range(group.world_size)]
+            stopped = [r for r in range(group.world_size) if r != group.rank and after[r] == before[r]]
+            return [r for r in stopped if not group.store.check([f"done/{r}"])]  # finished, not dead
+    except Exception:  # noqa: BLE001 - store gone: the caller says what that means
+        return None
 
 
 def silent_processes(group: Group, watch_s: float = 2.5 * HEARTBEAT_S) -> list[int]:
     """Processes whose heartbeat did not move for ``watch_s`` (stopped, hung or gone)."""
-    try:
-        before = [group.store.add(f"beat/{r}", 0) for r in range(group.world_size)]
-        time.sleep(watch_s)
-        after = [group.store.add(f"beat/{r}", 0) for r in range(group.world_size)]
-    except Exception:  # noqa: BLE001 - store gone: nothing can be said
-        return []
-    return [r for r in range(group.world_size) if r != group.rank and after[r] == before[r]]
+    return _silent(group, watch_s) or []
 
 
 def note_failure(group: Group, message: str) -> None:
     """Leave the first failure's line for the other processes (later ones do not overwrite it)."""
-    try:
+    # The store may be gone with the job; the local message still stands.
+    with contextlib.suppress(Exception), _native_warnings_hidden():
         group.store.compare_set(FAILURE_KEY, "", message)
-    except Exception:  # noqa: BLE001 - the store may be gone with the job; the local message still stands
-        pass
 
 
 def first_failure(group: Group) -> str | None:
     """The line a failing process left in the store, if any."""
     try:
-        if group.store.check([FAILURE_KEY]):
-            return group.store.get(FAILURE_KEY).decode()
+        with _native_warnings_hidden():
+            if group.store.check([FAILURE_KEY]):
+                return group.store.get(FAILURE_KEY).decode()
     except Exception:  # noqa: BLE001 - store unreachable: nothing to report
         return None
     return None
 
 
-def explain_timeout(group: Group, mine: str, round_index: int) -> str:
-    """The line to stop with after a failed wait: another process's failure, else the silent
-    processes, else what this one waited for."""
+def where_text(where: int | str) -> str:
+    """``3`` -> "in round 3"; a set-up step's own words stay as they are."""
+    return f"in round {where}" if isinstance(where, int) else where
+
+
+def explain_timeout(group: Group, mine: str, where: int | str, watch_s: float = 2.5 * HEARTBEAT_S) -> str:
+    """The cause to stop with after a failed wait (``mine``: what this process saw): another
+    process's failure line, else the processes whose heartbeat stopped, else ``mine``. The cause is
+    left in the store for the others; it does not say what happens next (that is per process)."""
     cause = first_failure(group)
     if cause is None:
-        silent = silent_processes(group)
-        if silent:
+        silent = _silent(group, watch_s)
+        # Another process may have reached its conclusion while this one watched (and stopped its
+        # own heartbeat on the way out): its line names the one that failed first.
+        cause = first_failure(group)
+        if cause is None and silent is None and group.store_host is not None and group.store_host != group.rank:
+            # The store lives in that process: with the store gone, so is it (or it stopped).
+            cause = (f"{group.describe(group.store_host)} died or stopped answering {where_text(where)} "
+                     f"(the job's rendezvous store, which it serves, is gone; {mine})")
+        elif cause is None and silent:
             names = ", ".join(group.describe(r) for r in silent)
-            cause = f"{names} stopped answering in round {round_index} ({mine})"
-    cause = cause or mine
+            cause = f"{names} died or stopped answering {where_text(where)} ({mine})"
+    cause = cause or f"process {group.rank} lost the job {where_text(where)}: {mine}"
     note_failure(group, cause)
     return cause
+
+
+def explain_loss(group: Group, mine: str, where: int | str) -> str:
+    """The whole line: the cause, then what happens next."""
+    return f"{explain_timeout(group, mine, where)}: {group.next_steps()}"
+
+
+def symptom(exc: BaseException) -> str:
+    """A torch.distributed error in a few words: its first line, without gloo's source path."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if line.startswith("[") and "] " in line:  # "[../third_party/gloo/.../pair.cc:534] Connection closed by peer"
+        line = line.split("] ", 1)[1]
+    line = line.split(". ", 1)[0].rstrip(".")  # gloo appends generic advice ("This is typically caused by ...")
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+@contextlib.contextmanager
+def guarded(group: Group, where: int | str, doing: str) -> Iterator[None]:
+    """Run torch.distributed calls; if one fails (a process died, the store went away), stop with
+    :class:`ProcessLostError`'s one line instead of gloo's traceback. Keep only dist calls inside:
+    a RuntimeError of d2ora's own code would otherwise be reported as a lost process."""
+    try:
+        yield
+    except ProcessLostError:
+        raise
+    except DIST_FAILURES as exc:
+        raise ProcessLostError(explain_loss(group, f"{doing}: {symptom(exc)}", where)) from None
 
 
 def _digest_words(text: str) -> torch.Tensor:
@@ -156,18 +273,20 @@ def _digest_words(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(digest), dtype=torch.int64).clone()
 
 
-def _gather_bytes(group: Group, data: bytes) -> list[bytes]:
+def _gather_bytes(group: Group, data: bytes, where: str = "at start-up") -> list[bytes]:
     """Every process's ``data`` as raw bytes (length first, then a padded uint8 all_gather)."""
     device = group.device if group.backend == "nccl" else torch.device("cpu")
     length = torch.tensor([len(data)], dtype=torch.int64, device=device)
     lengths = [torch.zeros_like(length) for _ in range(group.world_size)]
-    dist.all_gather(lengths, length)
+    with guarded(group, where, "all_gather"):
+        dist.all_gather(lengths, length)
     longest = int(max(t.item() for t in lengths))
     padded = torch.zeros(longest, dtype=torch.uint8, device=device)
     if data:
         padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
     everyone = [torch.zeros_like(padded) for _ in range(group.world_size)]
-    dist.all_gather(everyone, padded)
+    with guarded(group, where, "all_gather"):
+        dist.all_gather(everyone, padded)
     return [bytes(t[: int(n.item())].cpu().tolist()) for t, n in zip(everyone, lengths)]
 
 
@@ -178,10 +297,12 @@ def agree(group: Group, what: str, payload: dict) -> None:
     device = group.device if group.backend == "nccl" else torch.device("cpu")
     mine = _digest_words(text).to(device)
     digests = [torch.zeros_like(mine) for _ in range(group.world_size)]
-    dist.all_gather(digests, mine)
+    where = f"at start-up, while comparing the {what}"
+    with guarded(group, where, "all_gather"):
+        dist.all_gather(digests, mine)
     if all(torch.equal(d, digests[0]) for d in digests):
         return
-    texts = _gather_bytes(group, text.encode())
+    texts = _gather_bytes(group, text.encode(), where)
     reference = json.loads(texts[0])
     for rank, other in enumerate(texts):
         theirs = json.loads(other)

@@ -289,6 +289,18 @@ class LocalTrainer:
             self.correction.adjust_parameters(lr)
         return losses
 
+    def skip_steps(self, steps: int) -> None:
+        """Move the learning-rate schedule ``steps`` steps on without training: a peer that rejoins
+        after missing rounds follows the run's schedule, not its own. (LambdaLR's ``step`` would
+        warn without an optimizer step; its counter and each group's rate are set as it would.)"""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        scheduler = self.scheduler
+        scheduler.last_epoch += steps
+        for group, base, factor in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
+
     def reset_factor_moments(self) -> None:
         """Forget AdamW's state for every A and B (moments and step count).
 

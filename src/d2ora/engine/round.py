@@ -84,6 +84,19 @@ def held_weights(weights: torch.Tensor, receiver: int, hood: list[int]) -> torch
     return kept * (row.sum() / kept.sum())
 
 
+def neighbours_only(weights: torch.Tensor, own: torch.Tensor, receivers: Sequence[int]) -> torch.Tensor:
+    """``(g, k)`` rows of mixing weights with each receiver's own entry moved onto its neighbours in
+    proportion (each row keeps its sum); ValueError naming a receiver that holds no neighbour's message."""
+    rows = torch.arange(len(own))
+    kept = weights.clone()
+    kept[rows, own] = 0
+    sums = kept.sum(1)
+    lonely = [receivers[r] for r in torch.nonzero(sums <= 0).flatten().tolist()]
+    if lonely:
+        raise ValueError(f"peer(s) {lonely} hold no neighbour's message to mix without their own adapter")
+    return kept * (weights.sum(1) / sums).unsqueeze(1)
+
+
 class Mixing:
     """How a host mixes what it holds after a gossip step, set up once per run: the rule, the
     mixing weights, the share policy, the frozen W0 (DoRA-exact) and, for an activation-matching
@@ -99,10 +112,12 @@ class Mixing:
         self.layer_inputs: Callable[[tuple[int, int]], LayerInputs] | None = (
             host.layer_inputs if mixer.needs_layer_inputs else None)
 
-    def mix(self, outgoing: torch.Tensor, inbox: Inbox, key: tuple[int, int]) -> torch.Tensor:
+    def mix(self, outgoing: torch.Tensor, inbox: Inbox, key: tuple[int, int], *, without_own: bool = False) -> torch.Tensor:
         """Each hosted receiver's new flat adapter ``(h, numel)`` from its own adapter (``outgoing``)
         and the in-neighbours' messages it holds, receivers of equal degree in one batched mixer
-        call; ``key`` (round, step) draws DIMAT's layer-input batch."""
+        call; ``key`` (round, step) draws DIMAT's layer-input batch. ``without_own``: the receiver's
+        own adapter gets no weight (a peer that rejoins takes its neighbours' mix; it is still the
+        reference a re-basing or aligning rule works against)."""
         host, layout, mixer = self.host, self.host.layout, self.mixer
         inputs = self.layer_inputs(key) if self.layer_inputs is not None else None
         new = outgoing.clone()
@@ -116,6 +131,8 @@ class Mixing:
                 layers, dense = layout.unflatten(flat)
                 weights = torch.stack([held_weights(self.weights, i, hood) for i, hood in zip(receivers, nbrs)])
                 own = torch.tensor([hood.index(i) for i, hood in zip(receivers, nbrs)])
+                if without_own:
+                    weights = neighbours_only(weights, own, receivers)
                 layer_inputs = None
                 if inputs is not None:
                     def layer_inputs(row: int, layer: str, _receivers: list[int] = receivers) -> torch.Tensor:

@@ -8,6 +8,10 @@ deadline (slow, crashed, gone) is simply absent from the :class:`~d2ora.engine.e
 trust layer rejects. Every absence is kept (who, round, slot, why) in :attr:`LinkExchange.absences`
 so the run's metrics and summary can say it. The run goes on.
 
+A peer that comes back (``d2ora peer --resume``) learns the run's current round from the first
+messages its neighbours send it (:meth:`LinkExchange.newest_round`) and takes that round's messages
+without sending any (:attr:`LinkExchange.listen_only`): see :mod:`d2ora.recipes.p2p_peer`.
+
 Payload = the adapter's raw bytes at the wire dtype, then ``attachment_bytes`` bytes (the trust
 layer's signed envelope, zero-padded as :class:`~d2ora.distributed.exchange.DistributedExchange`
 does). The frame header (:mod:`d2ora.p2p.frame`) already names sender, round and slot, and the
@@ -70,6 +74,13 @@ class LinkExchange:
         self.last_heard: dict[int, int] = {j: 0 for j in self.in_neighbours}
         self._in_flight: list[tuple[int, grpc.Future]] = []  # (to, call) not known to be finished, until flush
         self._round = 0
+        #: A round in which this peer sends nothing and only receives (the round it rejoins in).
+        self.listen_only: int | None = None
+
+    def newest_round(self, after: int, deadline_s: float) -> int | None:
+        """The newest round after ``after`` an in-neighbour has sent this peer a first gossip step's
+        message for, waiting at most ``deadline_s`` seconds for one (None if none came)."""
+        return self.link.inbox.newest_round(self.in_neighbours, after, 0, deadline_s)
 
     def flush(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` in all for the sends still in flight (the last round's, before the
@@ -91,6 +102,23 @@ class LinkExchange:
 
     def absences_in(self, round_index: int) -> list[Absence]:
         return [a for a in self.absences if a.round == round_index]
+
+    def returned(self) -> Iterator[dict[str, int]]:
+        """Neighbours absent for a stretch of rounds and heard again after it:
+        ``{peer, absent_from_round, absent_to_round, back_in_round}``, one per stretch."""
+        by_peer: dict[int, list[int]] = {}
+        for a in self.absences:
+            by_peer.setdefault(a.peer, []).append(a.round)
+        for peer, rounds in sorted(by_peer.items()):
+            stretch: list[int] = []
+            for rnd in sorted(set(rounds)) + [None]:  # a sentinel closes the last stretch
+                if stretch and (rnd is None or rnd != stretch[-1] + 1):
+                    if self.last_heard.get(peer, 0) > stretch[-1]:
+                        yield {"peer": peer, "absent_from_round": stretch[0], "absent_to_round": stretch[-1],
+                               "back_in_round": stretch[-1] + 1}
+                    stretch = []
+                if rnd is not None:
+                    stretch.append(rnd)
 
     def departed(self, rounds: int) -> Iterator[dict[str, int]]:
         """Neighbours silent from some round to the end: ``{peer, last_heard_round, absent_from_round}``."""
@@ -115,7 +143,7 @@ class LinkExchange:
         size = numel * wire_itemsize(self.layout_dtype, self.wire_dtype)
         inbox = Inbox(payload_bytes={me: 0})
         own: bytes | None = None
-        for i in self.out_neighbours:
+        for i in ([] if self.listen_only == round_index else self.out_neighbours):
             replaced = payloads.get((me, i)) if payloads else None
             if replaced is None:
                 if own is None:

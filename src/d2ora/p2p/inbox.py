@@ -91,6 +91,27 @@ class Inbox:
                     self._pending[sender] -= 1
         return Received(arrived, missing, round, slot, deadline_s)
 
+    def newest_round(self, from_ids: Iterable[int], after: int, slot: int, deadline_s: float,
+                     settle_s: float = 0.5) -> int | None:
+        """Wait at most ``deadline_s`` seconds until a message from one of ``from_ids`` for a round
+        after ``after`` and this ``slot`` is here, then until no newer one has come for ``settle_s``
+        (messages queued while this peer was away arrive one by one, oldest first); the newest such
+        round (None if none came). What a peer that comes back uses to learn where the run is: its
+        neighbours never stopped sending to it."""
+        senders = set(from_ids)
+        give_up = time.monotonic() + deadline_s
+        newest, quiet_until = None, 0.0
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                found = max((r for (s, r, sl) in self._messages if s in senders and sl == slot and r > after), default=None)
+                if found is not None and (newest is None or found > newest):
+                    newest, quiet_until = found, now + settle_s
+                wait = (give_up if newest is None else min(quiet_until, give_up)) - now
+                if wait <= 0:
+                    return newest
+                self._changed.wait(wait)
+
     def drop_before(self, round: int) -> int:
         """Forget every message of a round before ``round`` and refuse them from now on; how many were dropped."""
         with self._changed:

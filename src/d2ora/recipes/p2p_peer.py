@@ -19,10 +19,24 @@ digest | roster digest | --run-id)[:16]``: every peer derives it alone and equal
 message compares it. A fresh ``--run-id`` per run is what keeps one run's envelopes from
 verifying in another run of the same config and roster (the default, empty, does not).
 
+**Leaving and coming back.** Every peer checkpoints its own state each ``run.checkpoint_every``
+rounds (``checkpoints/rank-<peer>``, as under torchrun). A peer that stopped is started again with
+``--resume <its output folder>``: it restores its newest checkpoint (round t0; its ledger is rewound
+to it) and starts listening. Its neighbours never stopped sending to it, so the first message that
+arrives names the run's current round R (the newest one waiting, if several queued up). Round R is
+its rejoin round: it trains nothing and sends nothing, and its adapter becomes its in-neighbours'
+round-R messages (first gossip step) mixed by the run's rule without its own stale adapter (its
+row's weights renormalised over them), the moment reset of a re-basing mixer follows, and its
+learning-rate schedule moves on to round R's. Its ledger's round-R block declares rounds t0+1 ..
+R-1 missed (``rejoined``), which ``d2ora ledger verify`` accepts and explains; its metrics have no
+rows for rounds t0+1 .. R. From round R+1 it takes part as before. Its optimizer moments, sampler
+and drift-correction state are its own from round t0. Its neighbours record it absent for rounds
+up to R and list it under ``returned`` in their summaries.
+
 Outputs (``run.output_dir``, one folder per organisation): ``config.yaml``, ``metrics.jsonl/.csv``
 (this peer's train loss, its own adapter's scores after mixing, the neighbours absent each round),
-``adapters/peer-<k>``, ``ledger/peer-<k>.sqlite``, ``summary.json`` (with ``absent`` and
-``departed``) and ``report.md``. "Consensus" in them is this peer's own adapter after mixing: its
+``adapters/peer-<k>``, ``ledger/peer-<k>.sqlite``, ``checkpoints/rank-<k>``, ``summary.json`` (with
+``absent``, ``departed``, ``returned`` and, for a peer that came back, ``rejoined``) and ``report.md``. "Consensus" in them is this peer's own adapter after mixing: its
 estimate of the consensus, scored on the run's test split (each organisation holds a copy).
 """
 
@@ -46,6 +60,7 @@ from rich.markup import escape
 from d2ora import atomic
 from d2ora.config_io import to_yaml
 from d2ora.data.tasks import Batch
+from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
 from d2ora.engine.evaluate import evaluate_peers
 from d2ora.engine.exchange import Exchange, Routes, wire_itemsize
 from d2ora.engine.host import PeerHost
@@ -63,6 +78,7 @@ from d2ora.recipes.trust_run import NONCE_BYTES, TrustRun, config_digest, folder
 from d2ora.runtime_support import resolve_device, seed_everything
 from d2ora.trust.envelope import ENVELOPE_BYTES
 from d2ora.trust.identity import IdentityError, Roster, load_private_key, load_roster, public_key_string
+from d2ora.trust.blocks import RejoinRecord
 from d2ora.trust.ledger import Ledger, Rejection
 
 #: The start-up message's (round, slot): rounds are numbered from 1.
@@ -161,8 +177,9 @@ class LinkMetricsLog(MetricsLog):
     """metrics.jsonl as every run writes it, plus ``absent``: the neighbours' messages this peer
     mixed without in the round, with the reason."""
 
-    def __init__(self, directory: Path, metric: str, absences_in: Callable[[int], list[Absence]]) -> None:
-        super().__init__(directory, metric)
+    def __init__(self, directory: Path, metric: str, absences_in: Callable[[int], list[Absence]],
+                 rows: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(directory, metric, rows)
         self.absences_in = absences_in
 
     def on_round(self, record: RoundRecord) -> None:
@@ -201,16 +218,17 @@ class AbsenceRecordingLedger:
         return getattr(self._ledger, name)
 
     def append_round(self, round: int, accepted: Sequence[bytes], rejected: Sequence[Rejection],
-                     sent: Sequence[tuple[int, bytes]], adapter_sha256: str) -> Any:
+                     sent: Sequence[tuple[int, bytes]], adapter_sha256: str, **extra: Any) -> Any:
         absent = [Rejection(sender=a.peer, step=a.slot, check=ABSENT, detail=a.reason) for a in self._absences_in(round)]
-        return self._ledger.append_round(round, accepted, [*rejected, *absent], sent, adapter_sha256)
+        return self._ledger.append_round(round, accepted, [*rejected, *absent], sent, adapter_sha256, **extra)
 
 
 # ------------------------------------------------------------------------------------------ run
 def run_link_peer(config: SimulateConfig, roster_path: str | os.PathLike[str], key_path: str | os.PathLike[str], *,
                   console: Console | None = None, run_id: str = "", passphrase_env: str | None = None,
-                  listen: str | None = None) -> dict[str, Any]:
-    """This organisation's peer of the run; returns its summary.json's content."""
+                  listen: str | None = None, resume: bool = False) -> dict[str, Any]:
+    """This organisation's peer of the run; returns its summary.json's content. ``resume``: this
+    peer comes back to a run in progress from its newest checkpoint (see the module doc)."""
     console = console or Console()
     started = time.perf_counter()
     roster = load_roster(roster_path)
@@ -235,6 +253,17 @@ def run_link_peer(config: SimulateConfig, roster_path: str | os.PathLike[str], k
     session = open_session(config, device, lambda peers: range(peer, peer + 1))
     describe_setup(session, console)
     host, network = session.host, session.network
+    checkpointer = Checkpointer(rank_dir(output_dir, peer), session.components(), config.result_config(),
+                                every=config.run.checkpoint_every, keep=config.run.keep_checkpoints, warn=console.print)
+    restored = None
+    if resume:
+        last = checkpointer.latest_valid()
+        if last is None:
+            raise CheckpointError(f"nothing to resume: peer {peer} has no valid checkpoint under {checkpointer.directory}")
+        restored = checkpointer.restore(last)
+        console.print(f"peer {peer} restored its round-{last} checkpoint")
+    else:
+        shutil.rmtree(checkpointer.directory, ignore_errors=True)  # an earlier run's checkpoints are not this run's
     routes = Routes(network.weights)
     round_timeout = config.network.round_timeout_s or config.network.timeout_s
     message_bytes = session.share.message_numel * wire_itemsize(host.layout.dtype, wire_dtype(config))
@@ -243,38 +272,93 @@ def run_link_peer(config: SimulateConfig, roster_path: str | os.PathLike[str], k
     try:
         link.start()
         console.print(f"peer {peer} listens on {address}; neighbours {link.neighbours}")
-        link.connect(config.network.timeout_s, strict=True)
-        agree_with_neighbours(link, routes.in_neighbours(peer), hello(config, roster, host, run_id), config.network.timeout_s)
+        if restored is None:
+            link.connect(config.network.timeout_s, strict=True)
+            agree_with_neighbours(link, routes.in_neighbours(peer), hello(config, roster, host, run_id), config.network.timeout_s)
+        else:  # the neighbours agreed at the start and are mid-run; a different config shows in their envelopes' run id
+            unreachable = link.connect(config.network.timeout_s)
+            if unreachable:
+                console.print(f"[yellow]peer {peer}: neighbour(s) {unreachable} not reachable yet[/yellow]")
         return _run(session, output_dir, link, routes, roster, key, run_nonce(config, roster, run_id), round_timeout,
-                    console, started)
+                    console, started, checkpointer, restored)
     finally:
         link.close()
 
 
+def rejoin(session: Any, exchange: Exchange, links: LinkExchange, trust: TrustRun, state: LoopState, deadline_s: float,
+           console: Console) -> dict[str, Any]:
+    """Take part again after a checkpoint of round ``state.round``: the rejoin round of the module
+    doc, recorded in the ledger; ``state`` moves to it. Returns what summary.json says of it."""
+    config, host, plan = session.config, session.host, session.plan
+    peer, last = links.peer, state.round
+    console.print(f"peer {peer} waits up to {deadline_s:g} s for its neighbours' messages of a round after {last}")
+    current = links.newest_round(last, deadline_s)
+    if current is None:
+        raise LinkSetupError(f"peer {peer}: no neighbour sent a message of a round after {last} within {deadline_s:g} s "
+                             "(network.timeout_s): the run has ended or its peers are not running")
+    if current > config.run.rounds:
+        raise LinkSetupError(f"peer {peer}: its neighbours are at round {current}, past the run's {config.run.rounds}")
+    links.listen_only = current
+    try:
+        own = host.peer_model.flat()
+        inbox = exchange.exchange(own, current, 0)
+    finally:
+        links.listen_only = None
+    senders = sorted(j for j, _ in inbox.messages)
+    if not senders:
+        raise LinkSetupError(f"peer {peer}: no neighbour's round-{current} message was accepted (absent or rejected: "
+                             f"see {trust.output_dir / 'ledger'}); a different config, roster or --run-id shows as "
+                             "rejected run ids")
+    host.peer_model.load_flat(plan.mixing.mix(own, inbox, (current, 0), without_own=True))
+    if plan.mixing.mixer.factors_replaced:
+        host.trainer.reset_factor_moments()
+    host.trainer.skip_steps((current - last) * plan.local_steps)  # the schedule of the rounds it missed and this one
+    detail = (f"restarted from its round-{last} checkpoint and took its neighbours' round-{current} mix "
+              f"(from peer(s) {senders}) without training or sending in round {current}")
+    trust.after_round(current, rejoined=RejoinRecord(last + 1, current - 1, detail))
+    state.round = current
+    missed = list(range(last + 1, current))
+    console.print(f"peer {peer} rejoined in round {current}" + (f", missed round(s) {missed}" if missed else "")
+                  + f": took peer(s) {senders}' mix")
+    return {"resumed_from_round": last, "rejoined_round": current, "missed_rounds": missed, "mixed_from": senders}
+
+
 def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster: Roster, key: Ed25519PrivateKey,
-         nonce: bytes, round_timeout: float, console: Console, started: float) -> dict[str, Any]:
+         nonce: bytes, round_timeout: float, console: Console, started: float, checkpointer: Checkpointer,
+         restored: Any) -> dict[str, Any]:
     config, host = session.config, session.host
     peer = link.peer
-    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)  # no resume on links: an old one is not this run's
     links = LinkExchange(routes, link, host.layout.dtype, wire_dtype(config), round_timeout_s=round_timeout,
                          attachment_bytes=ENVELOPE_BYTES)
+    state = LoopState() if restored is None else restored.state
     trust = TrustRun(config, host, routes, output_dir, roster, {peer: key}, nonce,
+                     resume_round=None if restored is None else state.round,
                      warn=lambda line: console.print(f"[yellow]peer {peer}: {escape(line)}[/yellow]"))
+    checkpointer.add("trust", trust)  # restored too when resuming
     trust.ledgers = {p: AbsenceRecordingLedger(ledger, links.absences_in) for p, ledger in trust.ledgers.items()}  # type: ignore[misc]
     exchange: Exchange = session.share.wrap(trust.wrap(links, session.share.message_numel))
     metric = session.data.task.metric
     atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
-    log = LinkMetricsLog(output_dir, metric, links.absences_in)
+    log = LinkMetricsLog(output_dir, metric, links.absences_in, None if restored is None else restored.rows)
+    rejoined = None
+    if restored is not None:
+        rejoined = rejoin(session, exchange, links, trust, state, config.network.timeout_s, console)
+        checkpointer.save(state, log.rows)
     view = LinkConsoleView(console, metric, config.run.rounds, config.run.local_steps, links.absences_in)
+
+    def checkpoint(loop_state: LoopState) -> None:
+        if checkpointer.due(loop_state.round, config.run.rounds):
+            checkpointer.save(loop_state, log.rows)
+
     settings = RunSettings(rounds=config.run.rounds, eval_every=config.run.eval_every, eval_peers=config.run.eval_peers, peers=1)
     loop = RoundLoop(RoundContext(
         host=host, exchange=exchange, collector=LocalCollector(), plan=session.plan, settings=settings,
         test_batches=session.test_batches, val_batches=session.val_batches,
         monitor=OwnAdapterMonitor(host, session.test_batches),  # type: ignore[arg-type]
-        listeners=[log, view], on_step=view.on_step, after_round=trust.after_round,
+        listeners=[log, view], checkpoint=checkpoint, on_step=view.on_step, after_round=trust.after_round,
     ))
     with view:
-        loop.run(LoopState())
+        loop.run(state)
     # The last round's messages must reach the neighbours before the link closes (closing cancels them).
     links.flush(round_timeout)
     for absence in links.absences:
@@ -290,6 +374,7 @@ def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster:
     extra: dict[str, Any] = {
         "transport": "grpc-mtls", "peer": peer, "neighbours": routes.in_neighbours(peer), "run_nonce": nonce.hex(),
         "round_timeout_s": round_timeout, "absent": [a.to_dict() for a in links.absences], "departed": departed,
+        "returned": list(links.returned()), **({} if rejoined is None else {"rejoined": rejoined}),
         "trust": trust_summary(trust, trust.rejections, mode="keys"),
         **(peaks or {}),
         "adapter_files": folder_digests(output_dir, [f"adapters/peer-{peer}"]),
@@ -300,6 +385,9 @@ def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster:
     summary.write(output_dir / SUMMARY_FILE)
     for gone in departed:
         console.print(f"[yellow]peer {peer}: neighbour {gone['peer']} left after round {gone['last_heard_round']}[/yellow]")
+    for back in extra["returned"]:
+        console.print(f"[yellow]peer {peer}: neighbour {back['peer']} was absent in rounds {back['absent_from_round']}-"
+                      f"{back['absent_to_round']} and came back in round {back['back_in_round']}[/yellow]")
     from d2ora.report import write_run_report
 
     report = write_run_report(output_dir, summary, log.rows)

@@ -11,8 +11,11 @@ peers' adapters and checkpoints into the same run-folder layout as ``simulate``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +25,7 @@ from rich.markup import escape
 
 from d2ora import atomic
 from d2ora.distributed.exchange import DistributedCollector, DistributedExchange
-from d2ora.distributed.group import DistributedSetupError, Group, agree, note_failure, start, stop
+from d2ora.distributed.group import DistributedSetupError, Group, agree, guarded, note_failure, start, stop
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
 from d2ora.engine.exchange import Exchange, Routes
 from d2ora.engine.host import peer_block
@@ -45,7 +48,8 @@ def _agreed_resume_round(group: Group, checkpointer: Checkpointer) -> int | None
     mine = checkpointer.latest_valid()
     value = torch.tensor([-1 if mine is None else mine], dtype=torch.int64,
                          device=group.device if group.backend == "nccl" else "cpu")
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    with guarded(group, "at start-up, while agreeing on the round to resume", "all_reduce"):
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
     agreed = int(value.item())
     # A process that is behind (it died between two checkpoints) takes everyone back to its round;
     # keep_checkpoints >= 2 keeps that round everywhere, and restoring it checks it again.
@@ -56,13 +60,38 @@ def run_peer(config: SimulateConfig, console: Console | None = None, resume: boo
     """This process's part of the run; process 0 returns summary.json's content, the others None."""
     console = console or Console()
     group = start(config.network.timeout_s, config.run.device)
+    group.next_steps = _next_steps(Path(config.run.output_dir), group.rank)
     try:
-        return _run(config, console, group, resume or restarted())
+        result = _run(config, console, group, resume or restarted())
     except BaseException as exc:
         note_failure(group, f"process {group.rank}: {exc}")
+        stop(group, failed=True)  # a broken group's teardown must not bury the line above
         raise
-    finally:
-        stop(group)
+    stop(group)
+    return result
+
+
+_ROUND_DIR = re.compile(r"round-(\d+)$")
+
+
+def _next_steps(output_dir: Path, rank: int) -> Callable[[], str]:
+    """What a process that stops because another one died says about going on: looked up when it
+    happens (the newest checkpoint is then known), in terms of the commands that continue the run."""
+
+    def steps() -> str:
+        folder = rank_dir(output_dir, rank)
+        rounds = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else []) if (m := _ROUND_DIR.match(p.name))]
+        newest = max(rounds, default=None)
+        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts > 0:  # torchrun's agent restarts the job as soon as this attempt ends
+            kept = f"this process's newest is round {newest}" if newest is not None else "none yet: from the start"
+            return f"this attempt stops here; torchrun restarts the job from the newest checkpoint every process holds ({kept})"
+        if newest is None:
+            return "the run stops here, before its first checkpoint; start it again"
+        return (f"the run stops here; its checkpoints up to round {newest} are kept (continue with d2ora peer --resume "
+                f"{output_dir} under torchrun, or d2ora launch --resume {output_dir}; torchrun --max-restarts does it by itself)")
+
+    return steps
 
 
 def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -> dict[str, Any] | None:
@@ -124,7 +153,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         shutil.rmtree(output_dir / LEDGER_DIR, ignore_errors=True)  # an earlier run's ledgers do not describe this one
     exchange = session.share.wrap(exchange)
     return run_rounds_and_report(
-        session, output_dir, exchange=exchange, collector=DistributedCollector(group, blocks, peers),
+        session, output_dir, exchange=exchange, collector=DistributedCollector(group, blocks, peers, config.run.rounds),
         checkpointer=checkpointer, state=state, rows=rows, resumed=round_to_resume is not None, console=shown,
         started=started, trust=trust, processes=world, backend=group.backend,
     )
@@ -134,7 +163,8 @@ def _shared_nonce(group: Group) -> bytes:
     """A fresh random run nonce drawn by process 0 and broadcast as a byte tensor (no object collective)."""
     device = group.device if group.backend == "nccl" else torch.device("cpu")
     nonce = torch.frombuffer(bytearray(os.urandom(NONCE_BYTES)), dtype=torch.uint8).to(device)
-    dist.broadcast(nonce, src=0)
+    with guarded(group, "at start-up, while sharing the run nonce", "broadcast"):
+        dist.broadcast(nonce, src=0)
     return nonce.cpu().numpy().tobytes()
 
 

@@ -31,7 +31,7 @@ from d2ora.trust.attacks import Adversary
 from d2ora.trust.checks import CHECKS, MessageChecker, Verdict
 from d2ora.trust.envelope import payload_bytes, run_identity
 from d2ora.trust.identity import IdentityError, Member, Roster, load_private_key, load_roster, public_key_string
-from d2ora.trust.blocks import BodyError, GenesisBody
+from d2ora.trust.blocks import BodyError, GenesisBody, RejoinRecord
 from d2ora.trust.ledger import LEDGER_DIR, Ledger, LedgerError, Rejection, file_digests, ledger_path, write_roster
 from d2ora.trust.rejections import rejected_by_sender
 from d2ora.trust.signed_exchange import SignedExchange
@@ -165,8 +165,9 @@ class TrustRun:
         if self.adversary is not None:
             self.adversary.load_state_dict({k: v for k, v in state.items() if k not in ("rejections", "seconds")})
 
-    def after_round(self, round_index: int) -> None:
-        """One ledger block per hosted peer for the round just mixed."""
+    def after_round(self, round_index: int, rejoined: RejoinRecord | None = None) -> None:
+        """One ledger block per hosted peer for the round just mixed. ``rejoined``: the round the
+        (one) hosted peer came back in, having sent nothing (the rounds it missed are named)."""
         assert self.exchange is not None
         tick = time.perf_counter()
         record = self.exchange.take_round()
@@ -181,8 +182,9 @@ class TrustRun:
                 lines.append(f"round {round_index} step {verdict.step}: peer {peer} rejected peer {verdict.sender}'s "
                              f"message ({verdict.check}: {verdict.detail})")
             self.ledgers[peer].append_round(
-                round_index, record.accepted.get(peer, []), [_rejection(v) for v in rejected], record.sent.get(peer, []),
-                hashlib.sha256(payload_bytes(flat[k])).hexdigest(),
+                round_index, record.accepted.get(peer, []), [_rejection(v) for v in rejected],
+                [] if rejoined is not None else record.sent.get(peer, []),  # signed, but not sent: it only listened
+                hashlib.sha256(payload_bytes(flat[k])).hexdigest(), **({} if rejoined is None else {"rejoined": rejoined}),
             )
         self.seconds["ledger"] += time.perf_counter() - tick
         if self.warn is not None and lines:

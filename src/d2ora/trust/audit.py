@@ -19,6 +19,13 @@
   what the sender's own block records as sent in that step. The signed envelopes are the proof;
 * the files every ``final`` block lists are rehashed from the run folder.
 
+A peer that left and came back (``d2ora peer --resume`` over links) has a gap: its ledger was
+rewound to its last checkpoint's round, and the round it rejoined in is a round block that names
+the rounds it missed (``rejoined``). The audit accepts such a gap when it is declared exactly where
+the rounds skip, and explains it (:attr:`AuditReport.gaps`); envelopes it had signed in the missed
+rounds before it stopped, which its neighbours accepted then, cannot be tied to blocks it no longer
+holds, and are listed as notes rather than problems.
+
 The trust anchor is the roster. Without one given, the run folder's own ``ledger/roster.json`` is
 used, which only proves the run is consistent with itself: whoever can rewrite the folder could
 re-sign every ledger with keys of their own. A roster obtained independently (``--roster``) is
@@ -46,6 +53,7 @@ from d2ora.trust.blocks import (
     BodyError,
     FinalBody,
     GenesisBody,
+    RejoinRecord,
     RoundBody,
     parse_body,
 )
@@ -97,6 +105,27 @@ class Equivocation:
     receivers: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Gap:
+    """Rounds a peer missed, declared by the round block it rejoined in."""
+
+    peer: int
+    missed: range
+    rejoined_round: int
+    detail: str
+    file: str
+    block: int
+
+    @property
+    def message(self) -> str:
+        if len(self.missed):
+            what = (f"missed round {self.missed.start}" if len(self.missed) == 1
+                    else f"missed rounds {self.missed.start}-{self.missed.stop - 1}")
+        else:
+            what = "restarted from its checkpoint and missed no round"
+        return f"peer {self.peer} {what} and rejoined in round {self.rejoined_round} ({self.file} block {self.block}): {self.detail}"
+
+
 @dataclass
 class AuditReport:
     run_dir: Path
@@ -108,6 +137,10 @@ class AuditReport:
     abandoned: int = 0
     problems: list[Problem] = field(default_factory=list)
     equivocations: list[Equivocation] = field(default_factory=list)
+    #: Declared gaps (peers that left and came back): legitimate, explained.
+    gaps: list[Gap] = field(default_factory=list)
+    #: What is not a problem but cannot be checked (envelopes a peer signed in rounds it missed).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -129,6 +162,10 @@ class AuditReport:
 
     def lines(self) -> list[str]:
         return [p.message for p in self.problems] + [e.message for e in self.equivocations]
+
+    def explanations(self) -> list[str]:
+        """The gaps and notes, one line each: why a verified run may still skip rounds."""
+        return [g.message for g in self.gaps] + self.notes
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -160,6 +197,14 @@ class _Peer:
         body = self.bodies[block.index]
         assert isinstance(body, RoundBody)
         return body
+
+    def rejoin_covering(self, rnd: int) -> RejoinRecord | None:
+        """The rejoin record whose missed rounds include ``rnd``, or whose block is round ``rnd``."""
+        for block in self.rounds.values():
+            rejoined = self.round_body(block).rejoined
+            if rejoined is not None and (rnd in rejoined.missed or rnd == block.round):
+                return rejoined
+        return None
 
     def head_for(self, rnd: int) -> str | None:
         """The hash this peer's envelopes of round ``rnd`` must carry: its previous round block's
@@ -298,14 +343,22 @@ class _Audit:
                 if b.round != expected_round:
                     bad(f"final block says round {b.round!r}, the last round block is round {expected_round}")
             if b.kind == "round":
-                expected_round += 1
-                if b.round != expected_round:
-                    bad(f"round {b.round!r} where round {expected_round} was expected (rounds go 1, 2, 3, ...)")
-                    expected_round = b.round if isinstance(b.round, int) else expected_round
+                body = p.bodies.get(b.index)
+                rejoined = body.rejoined if isinstance(body, RoundBody) else None
+                if rejoined is not None:  # a declared gap: it must start right after the previous round
+                    if rejoined.missed_from != expected_round + 1:
+                        bad(f"rejoins after round {rejoined.missed_from - 1}, but the round before it is {expected_round}")
+                    else:
+                        self.report.gaps.append(Gap(p.peer, rejoined.missed, b.round, rejoined.detail, p.file, b.index))
+                    expected_round = b.round if isinstance(b.round, int) else expected_round + 1
+                else:
+                    expected_round += 1
+                    if b.round != expected_round:
+                        bad(f"round {b.round!r} where round {expected_round} was expected (rounds go 1, 2, 3, ...)")
+                        expected_round = b.round if isinstance(b.round, int) else expected_round
                 # Even a block that fails a check above stays usable for the cross-ledger checks
                 # (its envelopes are signed by their senders, its true hash is known): what it
                 # breaks there is reported too, after the chain problems. A malformed body is not.
-                body = p.bodies.get(b.index)
                 if isinstance(body, RoundBody):
                     self.check_round_body(p, b, body, bad)
                     if isinstance(b.round, int) and b.round not in p.rounds:
@@ -423,6 +476,14 @@ class _Audit:
                     bad(f"is not signed by its sender peer {h.sender} (roster key)")
                 sender = self.peers.get(h.sender)
                 expected = None if sender is None else sender.head_for(h.round)
+                gap = None if sender is None or not isinstance(h.round, int) else sender.rejoin_covering(h.round)
+                if gap is not None and (expected is None or h.ledger_head.hex() != expected):
+                    # Signed in a round its sender later missed: before it stopped, from blocks it no longer holds.
+                    self.report.notes.append(
+                        f"{where} is peer {h.sender}'s message of round {h.round}, a round its ledger records as missed "
+                        f"(it stopped after sending it and rejoined in round {gap.missed_to + 1}): its ledger_head "
+                        "cannot be checked against blocks it no longer holds")
+                    expected = h.ledger_head.hex()
                 if sender is None:
                     bad(f"is from peer {h.sender}, whose ledger is missing or unreadable (ledger_head cannot be checked)")
                 elif expected is None:
@@ -464,6 +525,8 @@ class _Audit:
             block = None if sender_state is None else sender_state.rounds.get(rnd)
             if block is None:
                 continue  # nothing to compare with (a missing or rewound ledger is reported elsewhere)
+            if sender_state.round_body(block).rejoined is not None:
+                continue  # it rejoined in this round without sending: what it signed here came before it stopped
             recorded = [s for s in sender_state.round_body(block).sent if s.step == step]
             recorded_digests = {s.payload_sha256 for s in recorded}
             for payload, held in payloads.items():

@@ -146,6 +146,37 @@ class SentRecord:
         return cls(**known)
 
 
+@dataclass(frozen=True)
+class RejoinRecord:
+    """A round body's optional ``rejoined``: this peer left the run after round ``missed_from - 1``
+    (its last checkpoint), missed rounds ``missed_from..missed_to`` (none when ``missed_to <
+    missed_from``) and came back in this block's round, which it did not train: its adapter became
+    its neighbours' messages of this round, mixed without its own (``detail`` says so in words)."""
+
+    missed_from: int
+    missed_to: int
+    detail: str
+
+    def __post_init__(self) -> None:
+        for name, want in (("missed_from", int), ("missed_to", int), ("detail", str)):
+            _check("rejoined record", name, getattr(self, name), want)
+        if self.missed_from < 1 or self.missed_to < self.missed_from - 1:
+            raise BodyError("rejoined record", "missed_to",
+                            f"must be at least missed_from - 1 (missed_from {self.missed_from}, missed_to {self.missed_to})")
+
+    @property
+    def missed(self) -> range:
+        return range(self.missed_from, self.missed_to + 1)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"missed_from": self.missed_from, "missed_to": self.missed_to, "detail": self.detail}
+
+    @classmethod
+    def from_body(cls, body: object) -> Self:
+        known, _ = _fields("rejoined record", body, ("missed_from", "missed_to", "detail"))
+        return cls(**known)
+
+
 # ------------------------------------------------------------------------------------- bodies
 _GENESIS_REQUIRED = ("peer", "run_id", "nonce", "config_sha256", "roster_sha256", "layout_sha256")
 
@@ -201,7 +232,8 @@ class RoundBody:
     """One training round: ``merkle_root`` is the RFC 6962 root over the SHA-256 digests of the
     ``accepted`` envelopes (``Envelope.digest``) in their stored order; ``rejected`` the messages
     refused, ``sent`` what this peer sent each gossip step, ``adapter_sha256`` its adapter after
-    mixing."""
+    mixing. ``rejoined`` (optional, absent rather than null) marks the round a peer came back in
+    after missing the rounds it names (:class:`RejoinRecord`)."""
 
     round: int
     merkle_root: str
@@ -209,6 +241,7 @@ class RoundBody:
     rejected: tuple[RejectedRecord, ...]
     sent: tuple[SentRecord, ...]
     adapter_sha256: str
+    rejoined: RejoinRecord | None = None
 
     def __post_init__(self) -> None:
         _check("round", "round", self.round, int)
@@ -221,17 +254,32 @@ class RoundBody:
                 if not isinstance(item, record):
                     raise BodyError("round", f"{name}[{i}]", f"must be a {record.__name__}, not {_json_name(item)}")
             object.__setattr__(self, name, items)  # a list given becomes the tuple stored
+        if self.rejoined is not None:
+            if not isinstance(self.rejoined, RejoinRecord):
+                raise BodyError("round", "rejoined", f"must be a RejoinRecord, not {_json_name(self.rejoined)}")
+            if self.rejoined.missed_to != self.round - 1:
+                raise BodyError("round", "rejoined.missed_to",
+                                f"must be the round before this one ({self.round - 1}), not {self.rejoined.missed_to}")
 
     def to_body(self) -> dict[str, Any]:
-        return {"round": self.round, "merkle_root": self.merkle_root, "accepted": self.accepted,
+        body = {"round": self.round, "merkle_root": self.merkle_root, "accepted": self.accepted,
                 "rejected": [r.to_body() for r in self.rejected], "sent": [s.to_body() for s in self.sent],
                 "adapter_sha256": self.adapter_sha256}
+        if self.rejoined is not None:
+            body["rejoined"] = self.rejoined.to_body()
+        return body
 
     @classmethod
     def from_body(cls, body: object) -> Self:
-        known, _ = _fields("round", body, ("round", "merkle_root", "accepted", "rejected", "sent", "adapter_sha256"))
+        known, _ = _fields("round", body, ("round", "merkle_root", "accepted", "rejected", "sent", "adapter_sha256"),
+                           ("rejoined",))
         known["rejected"] = array_of("round", "rejected", known["rejected"], RejectedRecord.from_body)
         known["sent"] = array_of("round", "sent", known["sent"], SentRecord.from_body)
+        if "rejoined" in known:
+            try:
+                known["rejoined"] = RejoinRecord.from_body(known["rejoined"])
+            except BodyError as exc:
+                raise exc.inside("round", "rejoined") from None
         return cls(**known)
 
 

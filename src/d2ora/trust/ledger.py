@@ -63,6 +63,7 @@ from d2ora.trust.blocks import (
     FinalBody,
     GenesisBody,
     RejectedRecord,
+    RejoinRecord,
     RoundBody,
     SentRecord,
     array_of,
@@ -437,13 +438,17 @@ class Ledger:
             raise LedgerError(f"{self._where(self._last.index)}: the ledger is final, cannot append {what}")
 
     def append_round(self, round: int, accepted: Sequence[bytes], rejected: Sequence[Rejection],
-                     sent: Sequence[tuple[int, bytes]], adapter_sha256: str) -> Block:
+                     sent: Sequence[tuple[int, bytes]], adapter_sha256: str, rejoined: RejoinRecord | None = None) -> Block:
         """Record one training round in one transaction: the envelopes this peer accepted (in
         Merkle leaf order), the messages it rejected, the payload digest it sent each gossip step
-        and the SHA-256 of its own adapter after mixing."""
+        and the SHA-256 of its own adapter after mixing. ``rejoined``: the round a peer came back
+        in, after the rounds it names as missed (the only way a round may skip ahead)."""
         self._require_open_for(f"round {round}")
         expected = self.last_round + 1
-        if round != expected:
+        if rejoined is not None and rejoined.missed_from != expected:
+            raise LedgerError(f"{self._where()}: round {round} rejoins after round {rejoined.missed_from - 1}, "
+                              f"but the ledger's last round is {expected - 1}")
+        if round != expected and (rejoined is None or round != rejoined.missed_to + 1):
             raise LedgerError(f"{self._where()}: round {round} appended after round {expected - 1}; rounds go in order")
         accepted = [bytes(e) for e in accepted]
         for i, e in enumerate(accepted):
@@ -462,6 +467,7 @@ class Ledger:
                 rejected=array_of("round", "rejected", rejected, Rejection.as_record),
                 sent=tuple(SentRecord(int(step), bytes(digest).hex()) for step, digest in sent),
                 adapter_sha256=adapter_sha256,
+                rejoined=rejoined,
             )
         except BodyError as exc:  # e.g. an adapter digest that is not 64 lower-case hex digits
             raise LedgerError(f"{self._where()}: round {round}: {exc}") from None
