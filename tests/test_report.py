@@ -366,3 +366,23 @@ def test_compare_csv_missing_values_are_empty(tmp_path):
     assert [float(r["consensus_metric"]) for r in records] == [12.3456, 9.5]
     assert [r["higher_is_better"] for r in records] == ["False", "False"]
     assert_png(tmp_path / "plots" / "compare_consensus.png")
+
+
+def test_an_organisations_report_says_who_was_missing_when(tmp_path):
+    summary, rows = run_p3()
+    link = {**summary, "transport": "grpc-mtls", "peer": 1, "neighbours": [0, 2], "round_timeout_s": 5.0,
+            "absent": [{"peer": 2, "round": r, "slot": 0, "reason": "no message within 5 s"} for r in (2, 3, 4, 7)],
+            "departed": [{"peer": 2, "last_heard_round": 6, "absent_from_round": 7}],
+            "returned": [{"peer": 2, "absent_from_round": 2, "absent_to_round": 4, "back_in_round": 5}],
+            "rejoined": {"resumed_from_round": 1, "rejoined_round": 3, "missed_rounds": [2], "mixed_from": [0, 2]}}
+    text = write_run_report(tmp_path, link, rows).read_text(encoding="utf-8")
+    section = text.split("## This organisation's peer", 1)[1].split("##", 1)[0]
+    assert "Peer 1 of the run, over gRPC links (mutual TLS) with its neighbours [0, 2]" in section
+    assert "- neighbour 2 was absent (missed the 5 s deadline) in round(s) 2-4, 7" in section
+    assert "- neighbour 2 left after round 6 and did not come back" in section
+    assert "- neighbour 2 came back in round 5" in section
+    assert "rejoined in round 3 with its neighbours' mix (missed round(s) 2: no metrics rows for them)" in section
+    quiet = write_run_report(tmp_path / "quiet", {**summary, "transport": "grpc-mtls", "peer": 0, "neighbours": [1],
+                                                  "absent": [], "departed": [], "returned": []}, rows)
+    assert "- every neighbour's message arrived in every round" in quiet.read_text(encoding="utf-8")
+    assert "## This organisation's peer" not in write_run_report(tmp_path / "plain", summary, rows).read_text(encoding="utf-8")

@@ -168,6 +168,48 @@ def _samples_section(summary: RunSummary) -> list[str]:
     return lines
 
 
+def _rounds_text(rounds: Sequence[int]) -> str:
+    """``[3, 4, 5, 8]`` -> ``"3-5, 8"``."""
+    spans: list[list[int]] = []
+    for r in sorted(set(rounds)):
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _organisation_section(summary: RunSummary) -> list[str]:
+    """``d2ora peer --roster`` runs: whose report this is, and who was missing when."""
+    extra = summary.model_extra or {}
+    if extra.get("transport") != "grpc-mtls":
+        return []
+    peer = extra.get("peer")
+    lines = ["## This organisation's peer", "",
+             f"Peer {peer} of the run, over gRPC links (mutual TLS) with its neighbours {extra.get('neighbours')}. "
+             "\"Consensus\" in this report is this peer's own adapter after each round's mix (its estimate of the "
+             "consensus); no process holds every adapter.", ""]
+    absent: dict[int, list[int]] = {}
+    for a in extra.get("absent") or []:
+        absent.setdefault(int(a["peer"]), []).append(int(a["round"]))
+    for neighbour, rounds in sorted(absent.items()):
+        lines.append(f"- neighbour {neighbour} was absent (missed the {extra.get('round_timeout_s'):g} s deadline) "
+                     f"in round(s) {_rounds_text(rounds)}")
+    for gone in extra.get("departed") or []:
+        lines.append(f"- neighbour {gone['peer']} left after round {gone['last_heard_round']} and did not come back")
+    for back in extra.get("returned") or []:
+        lines.append(f"- neighbour {back['peer']} came back in round {back['back_in_round']}")
+    rejoined = extra.get("rejoined")
+    if rejoined:
+        missed = rejoined.get("missed_rounds") or []
+        lines.append(f"- this peer stopped, restarted from its round-{rejoined['resumed_from_round']} checkpoint and "
+                     f"rejoined in round {rejoined['rejoined_round']} with its neighbours' mix"
+                     + (f" (missed round(s) {_rounds_text(missed)}: no metrics rows for them)" if missed else ""))
+    if len(lines) == 4:  # the heading and the paragraph only
+        lines.append("- every neighbour's message arrived in every round")
+    return [*lines, ""]
+
+
 def _link_list(paths: Sequence[str], what: str) -> list[str]:
     if not paths:
         return []
@@ -199,6 +241,7 @@ def run_markdown(out_dir: Path, summary: RunSummary, rows: Sequence[Row]) -> str
     results = _md_table(results_headers(summary), records) if records else "No evaluated rounds.\n"
     parts = [
         f"# Run report: {name}", "", *_setup_lines(summary), "",
+        *_organisation_section(summary),
         *_label_count_section(summary),
         "## Results per evaluated round", "",
         "Distances are consensus distances (scientific notation); MB are 10^6 bytes.", "",
