@@ -34,7 +34,8 @@ from d2ora.engine.exchange import Inbox, InMemoryExchange, Routes
 from d2ora.engine.metrics_log import read_rows
 from d2ora.p2p.certs import write_identity_certificate
 from d2ora.p2p.exchange import Absence, LinkExchange
-from d2ora.recipes.p2p_peer import differences
+from d2ora.engine.group import differing_keys
+from d2ora.p2p.group import LinkGroup, LinkSetupError
 from d2ora.recipes.simulate import simulate
 from d2ora.trust.identity import load_private_key, public_key_string, write_private_key
 from d2ora.trust.ledger import Ledger, ledger_path
@@ -265,13 +266,34 @@ def test_a_silent_neighbour_is_absent_and_named(ring_links) -> None:
     assert (2, 1) not in inboxes[1].messages and inboxes[1].bad_frames[(2, 1)] == "a message of 7 bytes, expected 23"
 
 
-def test_start_up_messages_name_what_differs() -> None:
-    mine = {"config": {"optim.lr": 1e-3, "adapter.r": 2}, "roster_sha256": "a" * 64, "layout": {"dtype": "float32"},
-            "run_id": "x"}
-    assert differences(mine, json.loads(json.dumps(mine))) == []
-    theirs = {**mine, "config": {"optim.lr": 3e-3, "adapter.r": 2, "run.seed": 1}, "run_id": "y"}
-    assert differences(mine, theirs) == ["config (differs in: optim.lr, run.seed)", "run id ('y', this peer's 'x')"]
-    assert differences(mine, {**mine, "layout": {"dtype": "bfloat16"}}) == ["adapter layout (differs in: dtype)"]
+def test_link_groups_agree_with_their_neighbours_and_name_what_differs(ring_links) -> None:
+    groups = {p: LinkGroup(link, [q for q in range(3) if q != p], 10, nonce=b"n" * 16) for p, link in ring_links.items()}
+
+    def agree_all(payloads: dict[int, dict]) -> dict[int, Exception | None]:
+        def one(p: int) -> Exception | None:
+            try:
+                groups[p].agree("config", payloads[p])
+            except LinkSetupError as exc:
+                return exc
+            return None
+
+        with ThreadPoolExecutor(3) as pool:
+            return dict(zip(payloads, pool.map(one, payloads)))
+
+    same = {"optim.lr": 1e-3, "adapter.r": 2}
+    assert agree_all({p: same for p in range(3)}) == {0: None, 1: None, 2: None}
+    # The second agreement (slot 1): peer 2 differs in two keys; its neighbours name it, it names one of them.
+    outcome = agree_all({0: same, 1: same, 2: {"optim.lr": 3e-3, "adapter.r": 2, "run.seed": 1}})
+    for p in (0, 1):
+        assert f"peer 2 runs a different config (differs in: optim.lr, run.seed) from peer {p};" in str(outcome[p])
+    assert "runs a different config (differs in: optim.lr, run.seed) from peer 2" in str(outcome[2])
+    assert {p: g.fresh_nonce() for p, g in groups.items()} == {p: b"n" * 16 for p in range(3)}
+    assert groups[0].resume_round(4) == 4 and groups[0].resume_round(None) is None  # each comes back alone
+    # A neighbour that never answers is named after the deadline.
+    quiet = LinkGroup(ring_links[0], [1, 2], 0.3, nonce=b"")
+    with pytest.raises(LinkSetupError, match=r"peer 0: neighbour\(s\) \[1, 2\] sent no start-up message \(layout\) within 0.3 s"):
+        quiet.agree("layout", {"dtype": "float32"})
+    assert differing_keys({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 0}) == ["b", "c"]
 
 
 def test_the_peer_command_names_a_key_not_on_the_roster(tmp_path: Path) -> None:

@@ -244,3 +244,24 @@ def test_gguf_model_merges_and_saves_as_plain_model(tmp_path: Path) -> None:
     merged = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert relative_error(merged(input_ids=tokens).logits, before) < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_base_weights_are_dequantized_one_layer_at_a_time(llama_dir: str, kind: str, monkeypatch) -> None:
+    # DoRA-exact mixing reads W0 per layer: asking for the mapping dequantizes nothing, each access
+    # one layer, and every value is bitsandbytes' own dequantization.
+    from d2ora.engine.peers import PeerModel
+
+    model = quantized(llama_dir, kind)
+    attach(model, DoRAConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    peer_model = PeerModel(model, peers=2)
+    calls: list[int] = []
+    base_class = type(FrozenBase.of(next(iter(peer_model.layers.values())).base_layer))
+    original = base_class.dense
+    monkeypatch.setattr(base_class, "dense", lambda self: calls.append(1) or original(self))
+    weights = peer_model.base_weights()
+    assert calls == [] and sorted(weights) == sorted(peer_model.layers) and len(weights) == len(peer_model.layers)
+    for count, (name, layer) in enumerate(peer_model.layers.items(), start=1):
+        w0 = weights[name]
+        assert len(calls) == count
+        torch.testing.assert_close(w0, bnb_dense(layer.base_layer).to(w0.dtype), rtol=0, atol=0)

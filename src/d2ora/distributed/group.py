@@ -26,12 +26,15 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from d2ora.engine.group import NONCE_BYTES, differing_keys
 
 FAILURE_KEY = "failure"
 HEARTBEAT_S = 1.0
@@ -77,6 +80,33 @@ class Group:
     @property
     def is_root(self) -> bool:
         return self.rank == 0
+
+    @property
+    def buffer_device(self) -> torch.device:
+        """Where collective buffers live: the GPU under NCCL, the CPU under gloo."""
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    # ------------------------------------------------------ the PeerGroup seam (engine/group.py)
+    def agree(self, what: str, payload: Mapping[str, Any]) -> None:
+        """Every process against process 0 (:func:`agree`)."""
+        agree(self, what, dict(payload))
+
+    def resume_round(self, mine: int | None) -> int | None:
+        """The newest round every process holds a valid checkpoint of (None when one has none):
+        a process that is behind (it died between two checkpoints) takes everyone back to its
+        round; keep_checkpoints >= 2 keeps that round everywhere, and restoring it checks it again."""
+        value = torch.tensor([-1 if mine is None else mine], dtype=torch.int64, device=self.buffer_device)
+        with guarded(self, "at start-up, while agreeing on the round to resume", "all_reduce"):
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        agreed = int(value.item())
+        return None if agreed < 0 else agreed
+
+    def fresh_nonce(self) -> bytes:
+        """A random run nonce drawn by process 0 and broadcast as a byte tensor (no object collective)."""
+        nonce = torch.frombuffer(bytearray(os.urandom(NONCE_BYTES)), dtype=torch.uint8).to(self.buffer_device)
+        with guarded(self, "at start-up, while sharing the run nonce", "broadcast"):
+            dist.broadcast(nonce, src=0)
+        return nonce.cpu().numpy().tobytes()
 
 
 def _env_int(name: str) -> int:
@@ -292,7 +322,7 @@ def _gather_bytes(group: Group, data: bytes, where: str = "at start-up") -> list
 
 def agree(group: Group, what: str, payload: dict) -> None:
     """Refuse to go on unless every process holds the same ``payload`` (JSON-able): one line naming
-    the first process and the keys that differ from rank 0's."""
+    the first process and the keys that differ from rank 0's (:func:`~d2ora.engine.group.differing_keys`)."""
     text = json.dumps(payload, sort_keys=True)
     device = group.device if group.backend == "nccl" else torch.device("cpu")
     mine = _digest_words(text).to(device)
@@ -307,7 +337,7 @@ def agree(group: Group, what: str, payload: dict) -> None:
     for rank, other in enumerate(texts):
         theirs = json.loads(other)
         if theirs != reference:
-            keys = sorted(k for k in set(reference) | set(theirs) if reference.get(k) != theirs.get(k))
+            keys = differing_keys(reference, theirs)
             raise DistributedSetupError(
                 f"process {rank} runs a different {what} from process 0 (differs in: {', '.join(keys)}); "
                 f"every process of a job must use the same {what}"

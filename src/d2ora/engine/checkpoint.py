@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from d2ora import atomic
 from d2ora.engine import state as component_state
+from d2ora.engine.group import differing_keys as config_differences  # keys of two result configs that differ
 from d2ora.engine.loop import LoopState
 from d2ora.engine.state import Stateful
 
@@ -67,11 +68,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two result-relevant config dicts, sorted."""
-    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
 def refuse_changed_config(saved: dict[str, Any], current: dict[str, Any], what: Path) -> None:

@@ -11,7 +11,7 @@ alone, or to save its PEFT-format adapter with ``save_adapter``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -21,6 +21,25 @@ from d2ora.dora.layer import reusing_row_norms
 from d2ora.dora.stacked import StackedDoRALinear, StackedLinear
 from d2ora.engine.layout import AdapterLayout
 from d2ora.mixers.base import LayerStack
+
+
+class BaseWeights(Mapping[str, torch.Tensor]):
+    """Adapted layers' frozen W0 ``(out, in)`` by name, read at each access: a dense layer's weight
+    as it is (a view, no copy); a quantized layer's dequantized then, and let go once the caller is
+    done with it. A mixer that works layer by layer (DoRA-exact) so never holds a 4-bit base dense
+    all at once, which for an 8B model would be 16 GB in bf16."""
+
+    def __init__(self, layers: Mapping[str, StackedDoRALinear]) -> None:
+        self._layers = layers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._layers[name].weight0
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 class PeerModel:
@@ -138,9 +157,10 @@ class PeerModel:
         }
         return layers, dense
 
-    def base_weights(self) -> dict[str, torch.Tensor]:
-        """Every adapted layer's frozen W0 ``(out, in)`` (shared by all peers; for DoRA-exact mixing)."""
-        return {name: layer.weight0 for name, layer in self.layers.items()}
+    def base_weights(self) -> BaseWeights:
+        """Every adapted layer's frozen W0 ``(out, in)`` by name (shared by all peers; for DoRA-exact
+        mixing), read when asked: see :class:`BaseWeights`."""
+        return BaseWeights(self.layers)
 
     @contextlib.contextmanager
     def holding(self, peer: int, flat: torch.Tensor) -> Iterator[PeerModel]:

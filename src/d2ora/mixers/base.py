@@ -12,7 +12,7 @@ torch.distributed, or through the trust layer's signature checks).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
@@ -51,7 +51,7 @@ class Neighbourhoods:
     #: Each adapted layer's frozen base weight W0 ``(out, in)``, shared by every peer (no leading
     #: dims): what DoRA-exact consensus needs for the row norms ||W0 + s·B_j A_j||_c. Every peer
     #: holds the same pretrained model, so a real peer knows it; None where not supplied.
-    base_weights: dict[str, torch.Tensor] | None = None
+    base_weights: Mapping[str, torch.Tensor] | None = None  # W0 per layer, possibly dequantized on access
 
     @property
     def receivers(self) -> int:

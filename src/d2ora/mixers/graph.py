@@ -7,7 +7,7 @@ benchmarks use to call a mixer on a whole graph).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -56,7 +56,7 @@ def mix_stacks(
     weights: torch.Tensor,
     dense: dict[str, torch.Tensor] | None = None,
     layer_inputs: LayerInputs | None = None,
-    base_weights: dict[str, torch.Tensor] | None = None,
+    base_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> MixOutput:
     """Every peer of ``(P, ...)`` stacks mixed by ``mixer`` with the (P, P) matrix ``weights``
     (row i: peer i's weights), one call per neighbourhood size; returns (P, ...) stacks.

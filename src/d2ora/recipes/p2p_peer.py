@@ -43,7 +43,6 @@ estimate of the consensus, scored on the run's test split (each organisation hol
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -51,7 +50,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
@@ -63,34 +61,30 @@ from d2ora.data.tasks import Batch
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
 from d2ora.engine.evaluate import evaluate_peers
 from d2ora.engine.exchange import Exchange, Routes, wire_itemsize
+from d2ora.engine.group import NONCE_BYTES
 from d2ora.engine.host import PeerHost
 from d2ora.engine.loop import LocalCollector, LoopState, RoundContext, RoundLoop, RunSettings
 from d2ora.engine.metrics_log import MetricsLog
 from d2ora.engine.monitor import ConsensusResult
 from d2ora.engine.records import RoundRecord
 from d2ora.p2p.exchange import Absence, LinkExchange
+from d2ora.p2p.group import LinkGroup, LinkSetupError
 from d2ora.p2p.link import PeerLink
 from d2ora.recipes.console_view import ConsoleView
 from d2ora.recipes.process_run import CONFIG_FILE, SUMMARY_FILE, describe_setup, gather_peak_memory, run_summary, trust_summary
 from d2ora.recipes.session import build_network, open_session, remove_stale_outputs, save_peer_adapters, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
-from d2ora.recipes.trust_run import NONCE_BYTES, TrustRun, config_digest, folder_digests
+from d2ora.recipes.trust_run import TrustRun, config_digest, folder_digests
 from d2ora.runtime_support import resolve_device, seed_everything
 from d2ora.trust.envelope import ENVELOPE_BYTES
 from d2ora.trust.identity import IdentityError, Roster, load_private_key, load_roster, public_key_string
 from d2ora.trust.blocks import RejoinRecord
 from d2ora.trust.ledger import Ledger, Rejection
 
-#: The start-up message's (round, slot): rounds are numbered from 1.
-HELLO_ROUND, HELLO_SLOT = 0, 0
-#: Room for the start-up message (a JSON of the result config and the layout) besides the adapter.
+#: Room for a start-up message (a JSON of the result config, or of the layout) besides the adapter.
 HELLO_ROOM = 1 << 20
 #: The check name an absent neighbour's message has in the ledger's ``rejected`` list.
 ABSENT = "absent"
-
-
-class LinkSetupError(RuntimeError):
-    """A peer that cannot start its part of the run; one line naming the peer and the problem."""
 
 
 # ------------------------------------------------------------------------------------ identity
@@ -107,53 +101,6 @@ def run_nonce(config: SimulateConfig, roster: Roster, run_id: str) -> bytes:
     """The envelopes' run nonce, derived alike by every peer (no broadcast): see the module doc."""
     text = "\n".join(["d2ora p2p", config_digest(config), roster.sha256, run_id])
     return hashlib.sha256(text.encode()).digest()[:NONCE_BYTES]
-
-
-# ------------------------------------------------------------------------------------- start-up
-def hello(config: SimulateConfig, roster: Roster, host: PeerHost, run_id: str) -> dict[str, Any]:
-    """What every neighbour must hold the same of before round 1."""
-    return {"config": config.result_config(), "roster_sha256": roster.sha256, "layout": host.layout.describe(),
-            "run_id": run_id}
-
-
-def differences(mine: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
-    """The parts of two start-up messages that differ, named (config and layout by key)."""
-    found = []
-    for part, what in (("config", "config"), ("layout", "adapter layout")):
-        a, b = mine.get(part) or {}, theirs.get(part) or {}
-        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-        if keys:
-            found.append(f"{what} (differs in: {', '.join(keys)})")
-    if mine.get("roster_sha256") != theirs.get("roster_sha256"):
-        found.append(f"roster (sha256 {str(theirs.get('roster_sha256'))[:12]}..., this peer's {mine['roster_sha256'][:12]}...)")
-    if mine.get("run_id") != theirs.get("run_id"):
-        found.append(f"run id ({theirs.get('run_id')!r}, this peer's {mine['run_id']!r})")
-    return found
-
-
-def agree_with_neighbours(link: PeerLink, in_neighbours: Sequence[int], mine: dict[str, Any], deadline_s: float) -> None:
-    """Send ``mine`` to every out-neighbour and check every in-neighbour's; LinkSetupError naming
-    the first neighbour that is silent or differs (after our own message is out, so it refuses too)."""
-    body = json.dumps(mine, sort_keys=True).encode()
-    sent = [link.send(n, HELLO_ROUND, HELLO_SLOT, body, timeout_s=deadline_s) for n in link.neighbours]
-    received = link.receive(in_neighbours, HELLO_ROUND, HELLO_SLOT, deadline_s)
-    for call in sent:  # let ours arrive before a refusal closes the link
-        try:
-            call.result(timeout=deadline_s)
-        except grpc.RpcError:
-            pass
-    if received.missing:
-        raise LinkSetupError(f"peer {link.peer}: neighbour(s) {list(received.missing)} sent no start-up message "
-                             f"within {deadline_s:g} s (network.timeout_s)")
-    for neighbour, data in sorted(received.items()):
-        try:
-            theirs = json.loads(data)
-        except ValueError:
-            raise LinkSetupError(f"peer {link.peer}: neighbour {neighbour}'s start-up message is not JSON") from None
-        wrong = differences(mine, theirs if isinstance(theirs, dict) else {})
-        if wrong:
-            raise LinkSetupError(f"peer {neighbour} runs a different {'; '.join(wrong)} from peer {link.peer}; "
-                                 "every peer of a run must use the same config, roster and run id")
 
 
 # --------------------------------------------------------------------------- the loop's helpers
@@ -253,33 +200,37 @@ def run_link_peer(config: SimulateConfig, roster_path: str | os.PathLike[str], k
     session = open_session(config, device, lambda peers: range(peer, peer + 1))
     describe_setup(session, console)
     host, network = session.host, session.network
+    routes = Routes(network.weights)
+    round_timeout = config.network.round_timeout_s or config.network.timeout_s
+    message_bytes = session.share.message_numel * wire_itemsize(host.layout.dtype, wire_dtype(config))
+    link = PeerLink(peer, key, roster, routes.out_neighbours(peer), in_neighbours=routes.in_neighbours(peer), listen=address,
+                    max_payload=message_bytes + ENVELOPE_BYTES + HELLO_ROOM, send_timeout_s=config.network.timeout_s)
+    group = LinkGroup(link, routes.in_neighbours(peer), config.network.timeout_s, run_nonce(config, roster, run_id))
     checkpointer = Checkpointer(rank_dir(output_dir, peer), session.components(), config.result_config(),
                                 every=config.run.checkpoint_every, keep=config.run.keep_checkpoints, warn=console.print)
     restored = None
     if resume:
-        last = checkpointer.latest_valid()
+        last = group.resume_round(checkpointer.latest_valid())
         if last is None:
             raise CheckpointError(f"nothing to resume: peer {peer} has no valid checkpoint under {checkpointer.directory}")
         restored = checkpointer.restore(last)
         console.print(f"peer {peer} restored its round-{last} checkpoint")
     else:
         shutil.rmtree(checkpointer.directory, ignore_errors=True)  # an earlier run's checkpoints are not this run's
-    routes = Routes(network.weights)
-    round_timeout = config.network.round_timeout_s or config.network.timeout_s
-    message_bytes = session.share.message_numel * wire_itemsize(host.layout.dtype, wire_dtype(config))
-    link = PeerLink(peer, key, roster, routes.out_neighbours(peer), in_neighbours=routes.in_neighbours(peer), listen=address,
-                    max_payload=message_bytes + ENVELOPE_BYTES + HELLO_ROOM, send_timeout_s=config.network.timeout_s)
     try:
         link.start()
         console.print(f"peer {peer} listens on {address}; neighbours {link.neighbours}")
         if restored is None:
             link.connect(config.network.timeout_s, strict=True)
-            agree_with_neighbours(link, routes.in_neighbours(peer), hello(config, roster, host, run_id), config.network.timeout_s)
+            group.agree("config", config.result_config())
+            group.agree("roster", {"sha256": roster.sha256})
+            group.agree("adapter layout", host.layout.describe())
+            group.agree("run id", {"run_id": run_id})
         else:  # the neighbours agreed at the start and are mid-run; a different config shows in their envelopes' run id
             unreachable = link.connect(config.network.timeout_s)
             if unreachable:
                 console.print(f"[yellow]peer {peer}: neighbour(s) {unreachable} not reachable yet[/yellow]")
-        return _run(session, output_dir, link, routes, roster, key, run_nonce(config, roster, run_id), round_timeout,
+        return _run(session, output_dir, link, routes, roster, key, group.fresh_nonce(), round_timeout,
                     console, started, checkpointer, restored)
     finally:
         link.close()

@@ -18,14 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.markup import escape
 
 from d2ora import atomic
 from d2ora.distributed.exchange import DistributedCollector, DistributedExchange
-from d2ora.distributed.group import DistributedSetupError, Group, agree, guarded, note_failure, start, stop
+from d2ora.distributed.group import DistributedSetupError, Group, note_failure, start, stop
 from d2ora.engine.checkpoint import CheckpointError, Checkpointer, rank_dir
 from d2ora.engine.exchange import Exchange, Routes
 from d2ora.engine.host import peer_block
@@ -33,7 +31,7 @@ from d2ora.engine.loop import LoopState
 from d2ora.recipes.process_run import describe_setup, run_rounds_and_report
 from d2ora.recipes.session import build_network, open_session, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
-from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, load_identities, stored_nonce
+from d2ora.recipes.trust_run import LEDGER_DIR, TrustRun, load_identities, stored_nonce
 from d2ora.trust.envelope import ENVELOPE_BYTES
 from d2ora.runtime_support import seed_everything
 
@@ -41,19 +39,6 @@ from d2ora.runtime_support import seed_everything
 def restarted() -> bool:
     """torchrun restarted this job after a failure (``--max-restarts``): continue, do not start over."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-def _agreed_resume_round(group: Group, checkpointer: Checkpointer) -> int | None:
-    """The newest round every process holds a valid checkpoint of (None when some process has none)."""
-    mine = checkpointer.latest_valid()
-    value = torch.tensor([-1 if mine is None else mine], dtype=torch.int64,
-                         device=group.device if group.backend == "nccl" else "cpu")
-    with guarded(group, "at start-up, while agreeing on the round to resume", "all_reduce"):
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    agreed = int(value.item())
-    # A process that is behind (it died between two checkpoints) takes everyone back to its round;
-    # keep_checkpoints >= 2 keeps that round everywhere, and restoring it checks it again.
-    return None if agreed < 0 else agreed
 
 
 def run_peer(config: SimulateConfig, console: Console | None = None, resume: bool = False) -> dict[str, Any] | None:
@@ -96,7 +81,7 @@ def _next_steps(output_dir: Path, rank: int) -> Callable[[], str]:
 
 def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -> dict[str, Any] | None:
     started = time.perf_counter()
-    agree(group, "config", config.result_config())
+    group.agree("config", config.result_config())
     if config.centralized and group.world_size > 1:
         raise DistributedSetupError("mode centralized trains one peer: run it with one process")
     if config.trust.mode == "simulated":
@@ -107,7 +92,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     build_network(config, [1] * config.network.peers)
     rank, world = group.rank, group.world_size
     session = open_session(config, group.device, lambda peers: peer_block(peers, world, rank))
-    agree(group, "adapter layout (model, targets, rank)", session.host.layout.describe())
+    group.agree("adapter layout (model, targets, rank)", session.host.layout.describe())
     host, network, peers = session.host, session.network, session.peers
     blocks = [peer_block(peers, world, r) for r in range(world)]
 
@@ -126,7 +111,7 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     checkpointer = Checkpointer(rank_dir(output_dir, rank), session.components(), config.result_config(), every=config.run.checkpoint_every,
                                 keep=config.run.keep_checkpoints, warn=console.print)
     state, rows = LoopState(), []
-    round_to_resume = _agreed_resume_round(group, checkpointer) if resume else None
+    round_to_resume = group.resume_round(checkpointer.latest_valid()) if resume else None
     if round_to_resume is not None:
         restored = checkpointer.restore(round_to_resume)
         state, rows = restored.state, restored.rows
@@ -142,9 +127,9 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
     trust = None
     if trusted:
         roster, keys = load_identities(config, host.peer_ids, peers)
-        agree(group, "roster", {"sha256": roster.sha256})
-        nonce = stored_nonce(output_dir, host.peer_ids) if round_to_resume is not None else _shared_nonce(group)
-        agree(group, "run nonce (ledgers of another run in the folder?)", {"nonce": nonce.hex()})
+        group.agree("roster", {"sha256": roster.sha256})
+        nonce = stored_nonce(output_dir, host.peer_ids) if round_to_resume is not None else group.fresh_nonce()
+        group.agree("run nonce (ledgers of another run in the folder?)", {"nonce": nonce.hex()})
         trust = TrustRun(config, host, routes, output_dir, roster, keys, nonce, resume_round=round_to_resume,
                          warn=lambda line: console.print(f"[yellow]process {rank}: {escape(line)}[/yellow]"))
         exchange = trust.wrap(exchange, session.share.message_numel)
@@ -157,15 +142,6 @@ def _run(config: SimulateConfig, console: Console, group: Group, resume: bool) -
         checkpointer=checkpointer, state=state, rows=rows, resumed=round_to_resume is not None, console=shown,
         started=started, trust=trust, processes=world, backend=group.backend,
     )
-
-
-def _shared_nonce(group: Group) -> bytes:
-    """A fresh random run nonce drawn by process 0 and broadcast as a byte tensor (no object collective)."""
-    device = group.device if group.backend == "nccl" else torch.device("cpu")
-    nonce = torch.frombuffer(bytearray(os.urandom(NONCE_BYTES)), dtype=torch.uint8).to(device)
-    with guarded(group, "at start-up, while sharing the run nonce", "broadcast"):
-        dist.broadcast(nonce, src=0)
-    return nonce.cpu().numpy().tobytes()
 
 
 def torchrun_command(procs: int, args: list[str], max_restarts: int = 0) -> list[str]:

@@ -37,7 +37,8 @@ from d2ora.engine.round import DivergedError
 from d2ora.recipes.process_run import CONFIG_FILE, SUMMARY_FILE, describe_setup, run_rounds_and_report
 from d2ora.recipes.session import build_network, open_session, wire_dtype
 from d2ora.recipes.simulate_config import SimulateConfig
-from d2ora.recipes.trust_run import LEDGER_DIR, NONCE_BYTES, TrustRun, load_identities, stored_nonce
+from d2ora.engine.group import NONCE_BYTES
+from d2ora.recipes.trust_run import LEDGER_DIR, TrustRun, load_identities, stored_nonce
 from d2ora.runtime_support import resolve_device, seed_everything
 
 __all__ = ["CONFIG_FILE", "SUMMARY_FILE", "DivergedError", "check_resumable", "simulate"]

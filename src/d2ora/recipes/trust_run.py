@@ -36,7 +36,6 @@ from d2ora.trust.ledger import LEDGER_DIR, Ledger, LedgerError, Rejection, file_
 from d2ora.trust.rejections import rejected_by_sender
 from d2ora.trust.signed_exchange import SignedExchange
 
-NONCE_BYTES = 16
 #: Rejections printed per round and process; the ledgers hold every one.
 MAX_REJECTION_LINES = 8
 
