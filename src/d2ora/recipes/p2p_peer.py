@@ -213,6 +213,9 @@ def run_link_peer(config: SimulateConfig, roster_path: str | os.PathLike[str], k
         last = group.resume_round(checkpointer.latest_valid())
         if last is None:
             raise CheckpointError(f"nothing to resume: peer {peer} has no valid checkpoint under {checkpointer.directory}")
+        if last >= config.run.rounds:
+            raise CheckpointError(f"nothing to resume: peer {peer}'s newest checkpoint is of round {last}, the run's last; "
+                                  f"its outputs are in {output_dir}")
         restored = checkpointer.restore(last)
         console.print(f"peer {peer} restored its round-{last} checkpoint")
     else:
