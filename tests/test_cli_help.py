@@ -78,3 +78,24 @@ def test_peer_help_has_its_whole_first_sentence() -> None:
     assert PEER_FIRST_SENTENCE in text
     summaries = dict(command_rows(help_text()))
     assert summaries["peer"] == PEER_FIRST_SENTENCE
+
+
+def test_log_output_to_a_pipe_arrives_line_by_line() -> None:
+    # A peer's log piped to a file must show each round's line when it happens, not at exit.
+    import subprocess
+    import sys
+    import threading
+
+    program = ("import time\nfrom d2ora.commands.simulate import console_for_logs\n"
+               "console_for_logs().print('round 1: own adapter accuracy 50.0%')\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True)
+    try:
+        timer = threading.Timer(30, proc.kill)  # a buffered line would only come at exit
+        timer.start()
+        line = proc.stdout.readline()
+        timer.cancel()
+        assert line == "round 1: own adapter accuracy 50.0%\n"
+        assert proc.poll() is None  # read while the process still runs
+    finally:
+        proc.kill()
+        proc.communicate()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,9 +33,13 @@ PrintConfigOption = Annotated[
 
 
 def console_for_logs() -> Console:
-    """Rich's 80 columns for piped output squeeze the results tables unreadably: logs get 160."""
+    """Rich's 80 columns for piped output squeeze the results tables unreadably: logs get 160. Output
+    to a file or pipe is flushed line by line: Python buffers it in blocks otherwise, and a log
+    (``d2ora peer ... > org.log``, a service's journal) would show a round's line only at exit."""
     console = Console()
     if not console.is_terminal:
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=True)
         console = Console(width=160)
     return console
 
