@@ -148,10 +148,13 @@ def test_a_peer_killed_at_round_2_and_restarted_at_round_4_rejoins(tiny_bert_dir
         assert summary["departed"] == []
         (stretch,) = [s for s in summary["returned"] if s["peer"] == victim]
         assert stretch["peer"] == victim and stretch["absent_from_round"] in (2, 3)
-        assert stretch["absent_to_round"] == rejoined and stretch["back_in_round"] == rejoined + 1
+        # Back in its rejoin round (it sends the mix it took), or a round or two later on a loaded
+        # machine (its first messages may miss the neighbours' deadline).
+        assert rejoined - 1 <= stretch["absent_to_round"] <= rejoined + 1, (stretch, rejoined)
+        assert stretch["back_in_round"] == stretch["absent_to_round"] + 1
         recorded = {(r, s) for r, s, _ in ledger_absences(ledger_path(out / f"peer-{p}", p))}
         assert recorded == {(a["round"], a["peer"]) for a in summary["absent"]}
-        assert {r for r, s in recorded if s == victim} == set(range(stretch["absent_from_round"], rejoined + 1))
+        assert {r for r, s in recorded if s == victim} == set(range(stretch["absent_from_round"], stretch["absent_to_round"] + 1))
     for p in range(PEERS):
         if p == victim:
             continue

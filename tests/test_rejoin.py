@@ -32,13 +32,13 @@ def gossip_round(run: Run, rnd: int, present: set[int], *, sent_by_victim: bool 
                  rejoined: RejoinRecord | None = None) -> None:
     """One round of the ring (one gossip step) among ``present``; the victim also signs and sends its
     messages when ``sent_by_victim`` but appends no block (it stops right after sending).
-    ``rejoined``: the victim's block of this round is its rejoin block (it sends nothing)."""
+    ``rejoined``: the victim's block of this round is its rejoin block (it sends the mix it took)."""
     ledgers = {p: Ledger.open(ledger_path(run.path, p), run.keys[p]) for p in range(PEERS)}
     try:
         heads = {p: led.head for p, led in ledgers.items()}
         inbox: dict[int, list[bytes]] = {p: [] for p in range(PEERS)}
         sent: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(PEERS)}
-        senders = present - ({VICTIM} if rejoined is not None else set()) | ({VICTIM} if sent_by_victim else set())
+        senders = present | ({VICTIM} if sent_by_victim else set())
         for j in sorted(senders):
             payload = sha(f"payload {rnd}/{j}")
             sent[j].append((0, payload))
@@ -48,7 +48,7 @@ def gossip_round(run: Run, rnd: int, present: set[int], *, sent_by_victim: bool 
         for p in sorted(present):
             absent = [Rejection(j, 0, "absent", "no message within 5 s") for j in in_neighbours(p) if j not in senders]
             extra = {"rejoined": rejoined} if p == VICTIM and rejoined is not None else {}
-            ledgers[p].append_round(rnd, inbox[p], absent, [] if extra else sent[p], sha(f"adapter {rnd}/{p}").hex(), **extra)
+            ledgers[p].append_round(rnd, inbox[p], absent, sent[p], sha(f"adapter {rnd}/{p}").hex(), **extra)
     finally:
         for led in ledgers.values():
             led.close()

@@ -9,8 +9,9 @@ trust layer rejects. Every absence is kept (who, round, slot, why) in :attr:`Lin
 so the run's metrics and summary can say it. The run goes on.
 
 A peer that comes back (``d2ora peer --resume``) learns the run's current round from the first
-messages its neighbours send it (:meth:`LinkExchange.newest_round`) and takes that round's messages
-without sending any (:attr:`LinkExchange.listen_only`): see :mod:`d2ora.recipes.p2p_peer`.
+messages its neighbours send it (:meth:`LinkExchange.newest_round`), takes that round's messages
+without sending (:attr:`LinkExchange.listen_only`), then sends the mix it took without waiting for
+anything (:attr:`LinkExchange.send_only`): see :mod:`d2ora.recipes.p2p_peer`.
 
 Payload = the adapter's raw bytes at the wire dtype, then ``attachment_bytes`` bytes (the trust
 layer's signed envelope, zero-padded as :class:`~d2ora.distributed.exchange.DistributedExchange`
@@ -74,8 +75,10 @@ class LinkExchange:
         self.last_heard: dict[int, int] = {j: 0 for j in self.in_neighbours}
         self._in_flight: list[tuple[int, grpc.Future]] = []  # (to, call) not known to be finished, until flush
         self._round = 0
-        #: A round in which this peer sends nothing and only receives (the round it rejoins in).
+        #: A round in which this peer's exchange only receives / only sends (the round it rejoins in:
+        #: it listens first, mixes, then sends what it took).
         self.listen_only: int | None = None
+        self.send_only: int | None = None
 
     def newest_round(self, after: int, deadline_s: float) -> int | None:
         """The newest round after ``after`` an in-neighbour has sent this peer a first gossip step's
@@ -158,6 +161,8 @@ class LinkExchange:
             self._in_flight.append((i, self.link.send(i, round_index, step, frame)))
             inbox.payload_bytes[me] += size
             inbox.wire_bytes += HEADER_BYTES + len(frame)
+        if self.send_only == round_index:
+            return inbox
         received = self.link.receive(self.in_neighbours, round_index, step, self.round_timeout_s)
         for j in received.missing:
             self.absences.append(Absence(j, round_index, step, f"no message within {self.round_timeout_s:g} s"))

@@ -24,10 +24,11 @@ rounds (``checkpoints/rank-<peer>``, as under torchrun). A peer that stopped is 
 ``--resume <its output folder>``: it restores its newest checkpoint (round t0; its ledger is rewound
 to it) and starts listening. Its neighbours never stopped sending to it, so the first message that
 arrives names the run's current round R (the newest one waiting, if several queued up). Round R is
-its rejoin round: it trains nothing and sends nothing, and its adapter becomes its in-neighbours'
+its rejoin round: it trains nothing, and its adapter becomes its in-neighbours'
 round-R messages (first gossip step) mixed by the run's rule without its own stale adapter (its
-row's weights renormalised over them), the moment reset of a re-basing mixer follows, and its
-learning-rate schedule moves on to round R's. Its ledger's round-R block declares rounds t0+1 ..
+row's weights renormalised over them), the moment reset of a re-basing mixer follows, its
+learning-rate schedule moves on to round R's, and it sends that mix as its round-R message (so its
+neighbours, waiting for it, go on in step with it instead of a deadline behind). Its ledger's round-R block declares rounds t0+1 ..
 R-1 missed (``rejoined``), which ``d2ora ledger verify`` accepts and explains; its metrics have no
 rows for rounds t0+1 .. R. From round R+1 it takes part as before. Its optimizer moments, sampler
 and drift-correction state are its own from round t0. Its neighbours record it absent for rounds
@@ -252,12 +253,14 @@ def rejoin(session: Any, exchange: Exchange, links: LinkExchange, trust: TrustRu
                              "(network.timeout_s): the run has ended or its peers are not running")
     if current > config.run.rounds:
         raise LinkSetupError(f"peer {peer}: its neighbours are at round {current}, past the run's {config.run.rounds}")
+    assert trust.exchange is not None
     links.listen_only = current
     try:
         own = host.peer_model.flat()
         inbox = exchange.exchange(own, current, 0)
     finally:
         links.listen_only = None
+    heard = trust.exchange.take_round()  # what it accepted and rejected (its own stale adapter was signed, not sent)
     senders = sorted(j for j, _ in inbox.messages)
     if not senders:
         raise LinkSetupError(f"peer {peer}: no neighbour's round-{current} message was accepted (absent or rejected: "
@@ -267,9 +270,18 @@ def rejoin(session: Any, exchange: Exchange, links: LinkExchange, trust: TrustRu
     if plan.mixing.mixer.factors_replaced:
         host.trainer.reset_factor_moments()
     host.trainer.skip_steps((current - last) * plan.local_steps)  # the schedule of the rounds it missed and this one
-    detail = (f"restarted from its round-{last} checkpoint and took its neighbours' round-{current} mix "
-              f"(from peer(s) {senders}) without training or sending in round {current}")
-    trust.after_round(current, rejoined=RejoinRecord(last + 1, current - 1, detail))
+    # It sends the mix it took: its neighbours, who wait for its round-`current` message, get it
+    # within their deadline and go on in step with it (silent, it would run a deadline ahead of them).
+    links.send_only = current
+    try:
+        exchange.exchange(host.peer_model.flat(), current, 0)
+    finally:
+        links.send_only = None
+    said = trust.exchange.take_round()
+    heard.sent, heard.seconds["sign"] = said.sent, heard.seconds["sign"] + said.seconds["sign"]
+    detail = (f"restarted from its round-{last} checkpoint, took its neighbours' round-{current} mix "
+              f"(from peer(s) {senders}) without training in round {current}, and sent it on")
+    trust.after_round(current, rejoined=RejoinRecord(last + 1, current - 1, detail), record=heard)
     state.round = current
     missed = list(range(last + 1, current))
     console.print(f"peer {peer} rejoined in round {current}" + (f", missed round(s) {missed}" if missed else "")

@@ -34,7 +34,7 @@ from d2ora.trust.identity import IdentityError, Member, Roster, load_private_key
 from d2ora.trust.blocks import BodyError, GenesisBody, RejoinRecord
 from d2ora.trust.ledger import LEDGER_DIR, Ledger, LedgerError, Rejection, file_digests, ledger_path, write_roster
 from d2ora.trust.rejections import rejected_by_sender
-from d2ora.trust.signed_exchange import SignedExchange
+from d2ora.trust.signed_exchange import SignedExchange, TrustRound
 
 #: Rejections printed per round and process; the ledgers hold every one.
 MAX_REJECTION_LINES = 8
@@ -164,12 +164,13 @@ class TrustRun:
         if self.adversary is not None:
             self.adversary.load_state_dict({k: v for k, v in state.items() if k not in ("rejections", "seconds")})
 
-    def after_round(self, round_index: int, rejoined: RejoinRecord | None = None) -> None:
+    def after_round(self, round_index: int, rejoined: RejoinRecord | None = None, record: TrustRound | None = None) -> None:
         """One ledger block per hosted peer for the round just mixed. ``rejoined``: the round the
-        (one) hosted peer came back in, having sent nothing (the rounds it missed are named)."""
+        (one) hosted peer came back in (the rounds it missed are named); ``record``: what the
+        signed exchange recorded of the round, when the caller took it (default: take it now)."""
         assert self.exchange is not None
         tick = time.perf_counter()
-        record = self.exchange.take_round()
+        record = record if record is not None else self.exchange.take_round()
         for name in ("sign", "verify"):
             self.seconds[name] += record.seconds[name]
         flat = self.host.peer_model.flat()
@@ -181,8 +182,7 @@ class TrustRun:
                 lines.append(f"round {round_index} step {verdict.step}: peer {peer} rejected peer {verdict.sender}'s "
                              f"message ({verdict.check}: {verdict.detail})")
             self.ledgers[peer].append_round(
-                round_index, record.accepted.get(peer, []), [_rejection(v) for v in rejected],
-                [] if rejoined is not None else record.sent.get(peer, []),  # signed, but not sent: it only listened
+                round_index, record.accepted.get(peer, []), [_rejection(v) for v in rejected], record.sent.get(peer, []),
                 hashlib.sha256(payload_bytes(flat[k])).hexdigest(), **({} if rejoined is None else {"rejoined": rejoined}),
             )
         self.seconds["ledger"] += time.perf_counter() - tick

@@ -208,8 +208,12 @@ class _Peer:
 
     def head_for(self, rnd: int) -> str | None:
         """The hash this peer's envelopes of round ``rnd`` must carry: its previous round block's
-        (its genesis's in round 1), recomputed from the contents rather than the stored column."""
-        block = self.genesis if rnd == 1 else self.rounds.get(rnd - 1)
+        (its genesis's in round 1; in the round it rejoined in, its checkpoint round's, the block
+        before the gap), recomputed from the contents rather than the stored column."""
+        this = self.rounds.get(rnd)
+        rejoined = None if this is None else self.round_body(this).rejoined
+        before = rnd - 1 if rejoined is None else rejoined.missed_from - 1  # a rejoin round follows its checkpoint's
+        block = self.genesis if before == 0 else self.rounds.get(before)
         return None if block is None else self.true_hash.get(block.index)
 
 
@@ -515,24 +519,28 @@ class _Audit:
     def check_equivocation(self) -> None:
         for (sender, rnd, step), payloads in sorted(self.statements.items()):
             head = f"peer {sender} equivocated in round {rnd} step {step}"
-            if len(payloads) > 1:
+            sender_state = self.peers.get(sender)
+            block = None if sender_state is None else sender_state.rounds.get(rnd)
+            rejoined = block is not None and sender_state is not None and sender_state.round_body(block).rejoined is not None
+            if len(payloads) > 1 and not rejoined:  # a rejoin round's two are its message before it stopped and after
                 (pa, [(ea, ra, wa), *_]), (pb, [(eb, rb, wb), *_]) = list(payloads.items())[:2]
                 self.report.equivocations.append(Equivocation(
                     sender, rnd, step,
                     f"{head}: it signed payload {pa[:16]}… for peer {ra} ({wa}) and {pb[:16]}… for peer {rb} ({wb})",
                     (ea.hex(), eb.hex()), (ra, rb)))
-            sender_state = self.peers.get(sender)
-            block = None if sender_state is None else sender_state.rounds.get(rnd)
-            if block is None:
+            if block is None or sender_state is None:
                 continue  # nothing to compare with (a missing or rewound ledger is reported elsewhere)
-            if sender_state.round_body(block).rejoined is not None:
-                continue  # it rejoined in this round without sending: what it signed here came before it stopped
             recorded = [s for s in sender_state.round_body(block).sent if s.step == step]
             recorded_digests = {s.payload_sha256 for s in recorded}
             for payload, held in payloads.items():
                 if payload in recorded_digests:
                     continue
                 raw, receiver, where = held[0]
+                if rejoined:  # it stopped after sending in the round it later rejoined in: that message came first
+                    self.report.notes.append(
+                        f"peer {receiver} ({where}) holds peer {sender}'s message of round {rnd} step {step} signed before "
+                        f"it stopped; its ledger records what it sent when it rejoined in that round")
+                    continue
                 claim = (f"its ledger ({sender_state.file} block {block.index}) records no message sent in that step"
                          if not recorded else
                          f"its ledger ({sender_state.file} block {block.index}) records payload "
