@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,20 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from d2ora.cli import app
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.simulate import simulate
 from d2ora.trust.ledger import ledger_path
 from tests.conftest import simulate_config
 from tests.test_distributed import REPO, base_config, env, write_config
-from tests.test_p2p_peers import (
-    PROCESS_LIMIT_S,
-    flat,
-    ledger_absences,
-    organisations,
-)
+from tests.test_p2p_peers import PROCESS_LIMIT_S, audit, flat, ledger_absences, organisations
 
 pytestmark = pytest.mark.slow
 PEERS = 5
@@ -104,17 +96,6 @@ def distance_to_the_others(adapters: dict[int, torch.Tensor], peer: int) -> floa
     return float((adapters[peer] - others).norm() / everyone.norm())
 
 
-def audit(out: Path, roster: Path, tmp_path: Path) -> str:
-    """``d2ora ledger verify`` over every organisation's ledger and adapters, as an auditor collects them."""
-    collected = tmp_path / "audit"
-    for peer in range(PEERS):
-        shutil.copytree(out / f"peer-{peer}" / "ledger", collected / "ledger", dirs_exist_ok=True)
-        shutil.copytree(out / f"peer-{peer}" / "adapters", collected / "adapters", dirs_exist_ok=True)
-    result = CliRunner().invoke(app, ["ledger", "verify", str(collected), "--roster", str(roster)])
-    assert result.exit_code == 0 and f"verified: {PEERS} peers" in result.output, result.output
-    return result.output
-
-
 def test_a_peer_killed_at_round_2_and_restarted_at_round_4_rejoins(tiny_bert_dir: str, tmp_path: Path) -> None:
     victim, rounds, deadline = 2, 14, 2.0
     data = base_config(tiny_bert_dir, peers=PEERS, mixer="d2ora", rounds=rounds, topology="ring",
@@ -162,7 +143,7 @@ def test_a_peer_killed_at_round_2_and_restarted_at_round_4_rejoins(tiny_bert_dir
         waits = [r["round_seconds"]["exchange"] for r in read_rows(out / f"peer-{p}") if "round_seconds" in r]
         assert max(waits) < deadline + 1.5, (p, waits)
 
-    verified = audit(out, roster, tmp_path)
+    verified = audit(out, roster, PEERS, tmp_path)
     assert f"gap: peer {victim} " in verified and f"rejoined in round {rejoined}" in verified
 
     # It ends as close to the others as peers of the same graph get without faults: within 1.5x of
@@ -202,6 +183,6 @@ def test_a_slow_peer_delays_no_one_beyond_the_deadline(tiny_bert_dir: str, tmp_p
             assert max(waits) < deadline + 1.5, (p, waits)
             assert all(a["round"] != rounds for a in summary["absent"]), summary["absent"]
     # The run's record stays whole: the slow peer's late messages were refused as stale, not mixed.
-    audit(out, roster, tmp_path)
+    audit(out, roster, PEERS, tmp_path)
     ledgered = ledger_absences(ledger_path(out / "peer-1", 1))
     assert any(r == slow_round and s == slow for r, s, _ in ledgered)

@@ -115,12 +115,19 @@ def test_link_peers_end_with_the_simulators_adapters(tiny_bert_dir: str, tmp_pat
         assert summary["trust"]["run_id"] == json.loads((out / "peer-0" / "summary.json").read_text())["trust"]["run_id"]
     # An auditor who collects every organisation's ledger (and adapter) verifies the whole run
     # against the roster: every envelope signed, every accepted one in its sender's ledger.
-    audit = tmp_path / "audit"
+    audit(out, roster, peers, tmp_path)
+
+
+def audit(out: Path, roster: Path, peers: int, tmp_path: Path) -> str:
+    """``d2ora ledger verify`` over every organisation's ledger and adapters, as an auditor collects
+    them; its output (it must verify)."""
+    collected = tmp_path / "audit"
     for peer in range(peers):
-        shutil.copytree(out / f"peer-{peer}" / "ledger", audit / "ledger", dirs_exist_ok=True)
-        shutil.copytree(out / f"peer-{peer}" / "adapters", audit / "adapters", dirs_exist_ok=True)
-    verified = CliRunner().invoke(app, ["ledger", "verify", str(audit), "--roster", str(roster)])
-    assert verified.exit_code == 0 and f"verified: {peers} peers" in verified.output, verified.output
+        shutil.copytree(out / f"peer-{peer}" / "ledger", collected / "ledger", dirs_exist_ok=True)
+        shutil.copytree(out / f"peer-{peer}" / "adapters", collected / "adapters", dirs_exist_ok=True)
+    result = CliRunner().invoke(app, ["ledger", "verify", str(collected), "--roster", str(roster)])
+    assert result.exit_code == 0 and f"verified: {peers} peers" in result.output, result.output
+    return result.output
 
 
 def ledger_absences(path: Path) -> list[tuple[int, int, str]]:

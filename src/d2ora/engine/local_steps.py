@@ -296,10 +296,14 @@ class LocalTrainer:
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         scheduler = self.scheduler
-        scheduler.last_epoch += steps
+        epoch = scheduler.last_epoch + steps
         for group, base, factor in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-            group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
+            group["lr"] = base * factor(epoch)
+        # The scheduler's own state_dict carries its counter and what get_last_lr() reports.
+        state = scheduler.state_dict()
+        state["last_epoch"] = epoch
+        state["_last_lr"] = [group["lr"] for group in self.optimizer.param_groups]
+        scheduler.load_state_dict(state)
 
     def reset_factor_moments(self) -> None:
         """Forget AdamW's state for every A and B (moments and step count).
