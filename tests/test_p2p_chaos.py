@@ -122,7 +122,8 @@ def test_a_peer_killed_at_round_2_and_restarted_at_round_4_rejoins(tiny_bert_dir
     assert back["missed_rounds"] == list(range(last + 1, rejoined)) and back["mixed_from"] == [1, 3]
     assert f"peer {victim} rejoined in round {rejoined}" in outputs[victim]
     victim_rows = read_rows(out / f"peer-{victim}")
-    assert [r["round"] for r in victim_rows] == [*range(last + 1), *range(rejoined + 1, rounds + 1)]
+    assert [r["round"] for r in victim_rows] == [*range(last + 1), *range(rejoined, rounds + 1)]
+    assert victim_rows[last + 1]["train_loss"] == [None]  # its rejoin round: it trained nothing
 
     for p in (1, 3):  # the victim's neighbours on the ring
         summary = summaries[p]

@@ -82,11 +82,11 @@ def test_a_declared_gap_verifies_and_is_explained(tmp_path: Path) -> None:
     assert report.ok, report.lines()
     (gap,) = report.gaps
     assert (gap.peer, list(gap.missed), gap.rejoined_round) == (VICTIM, [2, 3], 4)
-    assert gap.message.startswith(f"peer {VICTIM} missed rounds 2-3 and rejoined in round 4 (")
+    assert gap.message.startswith(f"peer {VICTIM} missed rounds 2-3, rejoined in round 4 (")
     assert report.notes == []  # its round-2 envelopes carry its round-1 head, which its ledger still holds
     result = CliRunner().invoke(app, ["ledger", "verify", str(run.path)])
     assert result.exit_code == 0 and "verified: 4 peers" in result.output
-    assert f"gap: peer {VICTIM} missed rounds 2-3 and rejoined in round 4" in result.output
+    assert f"gap: peer {VICTIM} missed rounds 2-3, rejoined in round 4" in result.output
 
 
 def test_messages_signed_in_missed_rounds_are_notes_not_problems(tmp_path: Path) -> None:

@@ -178,6 +178,23 @@ class RoundLoop:
                            bytes_sent=sent, bytes_sent_total=state.bytes_total, wall_time_s=state.elapsed_s,
                            evaluation=evaluation, seconds=seconds, wire_bytes=sum(p.wire_bytes for p in peers))
 
+    def publish_untrained_round(self, state: LoopState, *, payload_bytes: int) -> RoundRecord:
+        """Record round ``state.round`` for a process whose peers trained nothing in it (the round a
+        peer rejoins in): scored if due, published with no train loss and no samples. One process
+        per peer only: nothing is gathered from other processes."""
+        settings = self.context.settings
+        rnd = state.round
+        scored = self.evaluate(rnd) if rnd % settings.eval_every == 0 or rnd == settings.rounds else None
+        evaluation = None
+        if scored is not None:
+            evaluation, state.consensus = scored
+        state.bytes_total += payload_bytes
+        record = RoundRecord(round=rnd, samples_seen=state.samples_seen, train_loss=[None] * settings.peers,
+                             bytes_sent=[payload_bytes] + [0] * (settings.peers - 1), bytes_sent_total=state.bytes_total,
+                             wall_time_s=state.elapsed_s, evaluation=evaluation)
+        self._publish(record)
+        return record
+
     def run(self, state: LoopState) -> LoopState:
         ctx = self.context
         settings = ctx.settings

@@ -30,7 +30,8 @@ row's weights renormalised over them), the moment reset of a re-basing mixer fol
 learning-rate schedule moves on to round R's, and it sends that mix as its round-R message (so its
 neighbours, waiting for it, go on in step with it instead of a deadline behind). Its ledger's round-R block declares rounds t0+1 ..
 R-1 missed (``rejoined``), which ``d2ora ledger verify`` accepts and explains; its metrics have no
-rows for rounds t0+1 .. R. From round R+1 it takes part as before. Its optimizer moments, sampler
+rows for rounds t0+1 .. R-1, and round R's row has no train loss (it is scored when due, like any
+round: that also keeps it in step, as its neighbours score that round too). From round R+1 it takes part as before. Its optimizer moments, sampler
 and drift-correction state are its own from round t0. Its neighbours record it absent for rounds
 up to R and list it under ``returned`` in their summaries.
 
@@ -274,7 +275,7 @@ def rejoin(session: Any, exchange: Exchange, links: LinkExchange, trust: TrustRu
     # within their deadline and go on in step with it (silent, it would run a deadline ahead of them).
     links.send_only = current
     try:
-        exchange.exchange(host.peer_model.flat(), current, 0)
+        sent_inbox = exchange.exchange(host.peer_model.flat(), current, 0)
     finally:
         links.send_only = None
     said = trust.exchange.take_round()
@@ -286,7 +287,8 @@ def rejoin(session: Any, exchange: Exchange, links: LinkExchange, trust: TrustRu
     missed = list(range(last + 1, current))
     console.print(f"peer {peer} rejoined in round {current}" + (f", missed round(s) {missed}" if missed else "")
                   + f": took peer(s) {senders}' mix")
-    return {"resumed_from_round": last, "rejoined_round": current, "missed_rounds": missed, "mixed_from": senders}
+    return {"resumed_from_round": last, "rejoined_round": current, "missed_rounds": missed, "mixed_from": senders,
+            "payload_bytes": sent_inbox.payload_bytes.get(peer, 0)}
 
 
 def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster: Roster, key: Ed25519PrivateKey,
@@ -306,10 +308,6 @@ def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster:
     metric = session.data.task.metric
     atomic.write_text(output_dir / CONFIG_FILE, to_yaml(config))
     log = LinkMetricsLog(output_dir, metric, links.absences_in, None if restored is None else restored.rows)
-    rejoined = None
-    if restored is not None:
-        rejoined = rejoin(session, exchange, links, trust, state, config.network.timeout_s, console)
-        checkpointer.save(state, log.rows)
     view = LinkConsoleView(console, metric, config.run.rounds, config.run.local_steps, links.absences_in)
 
     def checkpoint(loop_state: LoopState) -> None:
@@ -323,7 +321,14 @@ def _run(session: Any, output_dir: Path, link: PeerLink, routes: Routes, roster:
         monitor=OwnAdapterMonitor(host, session.test_batches),  # type: ignore[arg-type]
         listeners=[log, view], checkpoint=checkpoint, on_step=view.on_step, after_round=trust.after_round,
     ))
+    rejoined = None
     with view:
+        if restored is not None:
+            rejoined = rejoin(session, exchange, links, trust, state, config.network.timeout_s, console)
+            # Its rejoin round is scored and logged like any round (evaluating it also keeps the
+            # peer in step: its neighbours evaluate that round before they train the next one).
+            loop.publish_untrained_round(state, payload_bytes=rejoined.pop("payload_bytes"))
+            checkpointer.save(state, log.rows)
         loop.run(state)
     # The last round's messages must reach the neighbours before the link closes (closing cancels them).
     links.flush(round_timeout)

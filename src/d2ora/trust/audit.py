@@ -122,8 +122,8 @@ class Gap:
             what = (f"missed round {self.missed.start}" if len(self.missed) == 1
                     else f"missed rounds {self.missed.start}-{self.missed.stop - 1}")
         else:
-            what = "restarted from its checkpoint and missed no round"
-        return f"peer {self.peer} {what} and rejoined in round {self.rejoined_round} ({self.file} block {self.block}): {self.detail}"
+            what = "missed no round"
+        return f"peer {self.peer} {what}, rejoined in round {self.rejoined_round} ({self.file} block {self.block}): {self.detail}"
 
 
 @dataclass
