@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,8 +26,8 @@ from safetensors.torch import load_file
 
 from d2ora.engine.metrics_log import read_rows
 from d2ora.recipes.peer import torchrun_command
-from d2ora.recipes.simulate import simulate
 from d2ora.recipes.sections import migrate_flat
+from d2ora.recipes.simulate import simulate
 from d2ora.recipes.simulate_config import SimulateConfig
 from tests.conftest import simulate_config
 from tests.test_sft import tiny_llama_dir  # noqa: F401 (a fixture: a tiny Llama saved with a word tokenizer)
@@ -61,8 +62,31 @@ def run_torchrun(procs: int, config: Path, out: Path, max_restarts: int = 0) -> 
                             start_new_session=True)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free loopback port below the kernel's ephemeral range. A port the kernel picks with
+    bind(0) is in that range, and between this check and the process binding it, an outgoing
+    connection (a peer dialling a neighbour not yet up, again and again) can take it as its source
+    port: the peer then fails to listen and its neighbours wait out their start-up deadline."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default range starts here
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from d2ora.engine.group import NONCE_BYTES, differing_keys
 
 FAILURE_KEY = "failure"
+STOP_BEATS_KEY = "stop-beats"  # set by the store's host when it leaves after a failure
 HEARTBEAT_S = 1.0
 
 
@@ -162,9 +163,23 @@ def _beat(store: dist.Store, rank: int, stop_event: threading.Event) -> None:
     while not stop_event.is_set():
         try:
             store.add(f"beat/{rank}", 1)
+            if store.check([STOP_BEATS_KEY]):  # the store's host is leaving after a failure
+                return
         except Exception:  # noqa: BLE001 - the job is ending; a missing beat is what it would report anyway
             return
         stop_event.wait(HEARTBEAT_S)
+
+
+def _release_store(group: Group) -> None:
+    """Before the process that serves the store leaves after a failure: tell every heartbeat
+    thread to stop and give each one beat to read it. A beat that finds the store gone makes c10d
+    print a multi-line C++ warning with a stack trace under the survivor's one-line error (that
+    thread's stderr cannot be silenced without silencing the whole process)."""
+    if group.store_host != group.rank:
+        return
+    with contextlib.suppress(Exception), _native_warnings_hidden():
+        group.store.set(STOP_BEATS_KEY, "1")
+        time.sleep(1.5 * HEARTBEAT_S)
 
 
 def stop(group: Group | None, failed: bool = False) -> None:
@@ -178,6 +193,8 @@ def stop(group: Group | None, failed: bool = False) -> None:
             with contextlib.suppress(Exception), _native_warnings_hidden():
                 group.store.set(f"done/{group.rank}", "1")
         group._stop_beat.set()
+        if failed:
+            _release_store(group)
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
