@@ -326,6 +326,10 @@ def quantize_linears(model: nn.Module, kind: str, compute_dtype: torch.dtype,
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         replaced.append(name)
+    if replaced:
+        # The flag transformers sets when it loads in 4 or 8 bits: PEFT dispatches its bitsandbytes
+        # LoRA/DoRA layers on it, so PEFT works on this model as on one transformers quantized.
+        setattr(model, "is_loaded_in_4bit" if kind == "nf4" else "is_loaded_in_8bit", True)
     return replaced
 
 
