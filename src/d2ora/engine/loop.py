@@ -178,13 +178,18 @@ class RoundLoop:
                            bytes_sent=sent, bytes_sent_total=state.bytes_total, wall_time_s=state.elapsed_s,
                            evaluation=evaluation, seconds=seconds, wire_bytes=sum(p.wire_bytes for p in peers))
 
+    def _scored_in(self, rnd: int) -> bool:
+        """Every ``eval_every`` rounds and the last one."""
+        settings = self.context.settings
+        return rnd % settings.eval_every == 0 or rnd == settings.rounds
+
     def publish_untrained_round(self, state: LoopState, *, payload_bytes: int) -> RoundRecord:
         """Record round ``state.round`` for a process whose peers trained nothing in it (the round a
         peer rejoins in): scored if due, published with no train loss and no samples. One process
         per peer only: nothing is gathered from other processes."""
         settings = self.context.settings
         rnd = state.round
-        scored = self.evaluate(rnd) if rnd % settings.eval_every == 0 or rnd == settings.rounds else None
+        scored = self.evaluate(rnd) if self._scored_in(rnd) else None
         evaluation = None
         if scored is not None:
             evaluation, state.consensus = scored
@@ -212,7 +217,7 @@ class RoundLoop:
             if ctx.after_round is not None:
                 ctx.after_round(rnd)
             peers = self._gather_round(done)  # before the evaluation's gathers: every process in the same order
-            scored = self.evaluate(rnd) if rnd % settings.eval_every == 0 or rnd == settings.rounds else None
+            scored = self.evaluate(rnd) if self._scored_in(rnd) else None
             evaluation = None
             if scored is not None:
                 evaluation, state.consensus = scored
