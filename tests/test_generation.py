@@ -165,6 +165,10 @@ def test_sft_evaluate_reports_generative_accuracy_next_to_answer_perplexity(monk
                         lambda m, t, items, device="cpu": type("G", (), {"accuracy": 0.5})())
     scores = task.evaluate(model, [batch])
     assert set(scores) >= {ANSWER_PERPLEXITY, GENERATIVE_ACCURACY} and scores[GENERATIVE_ACCURACY] == 0.5
+    # A peer's own-split score: the same answer perplexity, no greedy answers, the task itself untouched.
+    loss_only = task.loss_metrics_only().evaluate(model, [batch])
+    assert GENERATIVE_ACCURACY not in loss_only and loss_only[ANSWER_PERPLEXITY] == pytest.approx(scores[ANSWER_PERPLEXITY])
+    assert task.generate_examples > 0 and GENERATIVE_ACCURACY in task.evaluate(model, [batch])
     task.generate_examples = 0
     assert GENERATIVE_ACCURACY not in task.evaluate(model, [batch])
 

@@ -13,7 +13,7 @@ causal LM (``d2ora.models.load_model`` maps ``sft`` to ``AutoModelForCausalLM``)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -84,6 +84,11 @@ class SFTTask(CausalLMTask):
             return batch
 
         return collate
+
+    def loss_metrics_only(self) -> SFTTask:
+        """A copy that answers no examples greedily (answer perplexity alone); it shares this task's
+        tokenizer and drop counts."""
+        return replace(self, generate_examples=0)
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict[str, float]:
         def answer_targets() -> Iterator[Batch]:

@@ -93,6 +93,11 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict[str, float]:
         """Metrics over every batch; the model is put in eval mode and then restored."""
 
+    def loss_metrics_only(self) -> Task:
+        """This task scoring its loss-based metrics alone (no greedy generation): itself unless it
+        generates (:class:`~d2ora.data.sft_task.SFTTask`)."""
+        return self
+
     @abstractmethod
     def peer_losses(self, model: nn.Module, batch: Batch, peers: int) -> torch.Tensor:
         """``(peers,)`` training losses of a peer-major batch (rows ``[k·b, (k+1)·b)`` are peer k's),

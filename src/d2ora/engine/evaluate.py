@@ -46,20 +46,14 @@ def evaluate_each_on_own(
     Generative accuracy (sft) is left to the shared test set: greedy decoding costs about a second an
     example on a CPU, and the own-split score is a second view of the same model, so here it is the
     task's loss-based metric alone."""
+    scoring = task.loss_metrics_only()
     results: list[dict[str, float] | None] = []
-    generate = getattr(task, "generate_examples", None)
-    try:
-        if generate is not None:
-            task.generate_examples = 0
-        for k, batches in enumerate(own_batches):
-            if not batches:
-                results.append(None)
-                continue
-            with peer_model.serving(slice(k, k + 1)) as model, base_autocast(model, device):
-                results.append(task.evaluate(model, batches, device))
-    finally:
-        if generate is not None:
-            task.generate_examples = generate
+    for k, batches in enumerate(own_batches):
+        if not batches:
+            results.append(None)
+            continue
+        with peer_model.serving(slice(k, k + 1)) as model, base_autocast(model, device):
+            results.append(scoring.evaluate(model, batches, device))
     return results
 
 
