@@ -409,3 +409,36 @@ def test_own_split_accuracy_sits_beside_the_global_one(tmp_path: Path) -> None:
     assert float(record["own_split_metric_std"]) == pytest.approx(statistics.stdev(means))
     assert float(record["consensus_metric"]) == pytest.approx(0.5)  # the global score is still there
     assert "mean peer, own split" in (tmp_path / "compare.md").read_text()
+
+
+def test_sft_runs_show_generative_accuracy_beside_perplexity(tmp_path: Path) -> None:
+    """An sft comparison's headline is answer perplexity; the greedy-answer accuracy of the consensus
+    and of the mean peer are columns of their own (mean ± std over seeds), in compare.md and both CSVs.
+    Other tasks' tables keep their columns."""
+    consensus_acc, peer_accs, ppl = [0.85, 0.725, 0.675], [[0.8, 0.7], [0.75, 0.75], [0.6, 0.7]], [1.15, 1.22, 1.32]
+    runs = []
+    for c, peers, p in zip(consensus_acc, peer_accs, ppl):
+        final = {"round": 1, "samples_seen": 16, "bytes_sent_total": 10, "train_loss": [0.5],
+                 "consensus_test": {"answer_perplexity": p, "loss": math.log(p), "tokens": 150, "generative_accuracy": c},
+                 "peer_test": [{"answer_perplexity": p + 0.1, "generative_accuracy": a} for a in peers]}
+        summary = {"name": "d2ora", "mixer": "d2ora", "task": "sft", "metric": "answer_perplexity",
+                   "higher_is_better": False, "peers": 2, "rounds": 1, "final": final, "runtime_s": 5.0}
+        runs.append((summary, [final]))
+    write_compare_report(tmp_path, [MethodRuns("d2ora", tuple(runs), (0, 1, 2), ("a", "b", "c"))])
+    (record,) = read_csv(tmp_path / "compare.csv")
+    peer_means = [statistics.mean(a) for a in peer_accs]
+    assert float(record["consensus_generative_accuracy"]) == pytest.approx(statistics.mean(consensus_acc))
+    assert float(record["consensus_generative_accuracy_std"]) == pytest.approx(statistics.stdev(consensus_acc))
+    assert float(record["mean_peer_generative_accuracy"]) == pytest.approx(statistics.mean(peer_means))
+    assert float(record["consensus_metric"]) == pytest.approx(statistics.mean(ppl))
+    seeds = read_csv(tmp_path / "compare_seeds.csv")
+    assert [float(r["consensus_generative_accuracy"]) for r in seeds] == consensus_acc
+    text = (tmp_path / "compare.md").read_text(encoding="utf-8")
+    assert "consensus generative accuracy (%)" in text and "mean peer generative accuracy (%)" in text
+    cells = md_row(text, "d2ora", "## Final results")
+    assert cells[2] == f"{100 * statistics.mean(consensus_acc):.1f} ± {100 * statistics.stdev(consensus_acc):.1f}"
+    assert cells[3] == f"{100 * statistics.mean(peer_means):.1f} ± {100 * statistics.stdev(peer_means):.1f}"
+    # An accuracy task's table has no such columns.
+    other = tmp_path / "classify"
+    write_compare_report(other, seeded_groups())
+    assert "generative accuracy" not in (other / "compare.md").read_text(encoding="utf-8")

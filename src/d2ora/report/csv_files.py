@@ -45,6 +45,9 @@ CSV_COLUMNS = (
     "rounds_to_target", "rounds_to_target_std", "bytes_to_target", "samples_to_target",
     # Each peer on its own held-out split (personalization); beside, never instead of, the global test.
     "own_split_metric", "own_split_metric_std",
+    # An sft run's greedy-answer accuracy (fraction), beside its perplexity; empty for other tasks.
+    "consensus_generative_accuracy", "consensus_generative_accuracy_std",
+    "mean_peer_generative_accuracy", "mean_peer_generative_accuracy_std",
 )
 
 #: compare.csv's columns that are the method's first run's summary.json values, as they are there.
@@ -58,6 +61,7 @@ SEED_CSV_COLUMNS = (
     "name", "seed", "run_dir", "metric", "consensus_metric", "mean_peer_metric", "worst_peer_metric",
     "distance_product", "distance_merged", "bytes_sent_total", "samples_seen", "rounds", "runtime_s", "n_test",
     "target_metric", "rounds_to_target", "bytes_to_target", "samples_to_target", "own_split_metric",
+    "consensus_generative_accuracy", "mean_peer_generative_accuracy",
 )
 
 
@@ -113,6 +117,10 @@ def _method_record(group: MethodRuns, final: MethodFinal, target: TargetResult |
         distance_merged_std=final.distances["merged"].std, bytes_sent_total_std=final.bytes_sent_total.std,
         runtime_s_std=final.runtime_s.std, n_test=n_test(group), consensus_binomial_se=_se(group, final),
         own_split_metric=final.own_split.mean, own_split_metric_std=final.own_split.std,
+        consensus_generative_accuracy=final.consensus_generative.mean,
+        consensus_generative_accuracy_std=final.consensus_generative.std,
+        mean_peer_generative_accuracy=final.mean_peer_generative.mean,
+        mean_peer_generative_accuracy_std=final.mean_peer_generative.std,
         **_target_fields(target),
     )
     return record
@@ -152,5 +160,7 @@ def compare_seeds_csv(runs: Sequence[RunInput | MethodRuns]) -> str:
                 "bytes_to_target": reached.bytes_sent_total if reached else None,
                 "samples_to_target": reached.samples_seen if reached else None,
                 "own_split_metric": final.own_split,
+                "consensus_generative_accuracy": final.consensus_generative,
+                "mean_peer_generative_accuracy": final.mean_peer_generative,
             })
     return _csv_text(SEED_CSV_COLUMNS, records)

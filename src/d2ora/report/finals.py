@@ -9,6 +9,7 @@ from d2ora.report.groups import MethodRuns
 from d2ora.report.model import MethodFinal, RunFinal, RunSummary, SummaryInput
 from d2ora.report.rows import (
     DISTANCES,
+    GENERATIVE_ACCURACY,
     Row,
     consensus_metric,
     distance,
@@ -35,6 +36,7 @@ def run_final(summary: SummaryInput, rows: Sequence[Row]) -> RunFinal:
     dist_row = last_with(rows, "consensus_distance")
     last = rows[-1] if rows else {}
     peers = [v for v in peer_metrics(peer_row, metric) if v is not None] if peer_row else []
+    peers_generative = [v for v in peer_metrics(peer_row, GENERATIVE_ACCURACY) if v is not None] if peer_row else []
     runtime = summary.runtime_s
     return RunFinal(
         name=summary.name,
@@ -47,6 +49,8 @@ def run_final(summary: SummaryInput, rows: Sequence[Row]) -> RunFinal:
         samples_seen=last.get("samples_seen"),
         rounds=last.get("round"),
         runtime_s=None if runtime is None else float(runtime),
+        consensus_generative=consensus_metric(consensus_row, GENERATIVE_ACCURACY) if consensus_row else None,
+        mean_peer_generative=mean_of(peers_generative),
     )
 
 
@@ -64,4 +68,6 @@ def method_final(group: MethodRuns) -> MethodFinal:
         distances={key: over(lambda f, key=key: f.distances[key]) for key, _ in DISTANCES},
         bytes_sent_total=over(lambda f: f.bytes_sent_total), samples_seen=over(lambda f: f.samples_seen),
         runtime_s=over(lambda f: f.runtime_s),
+        consensus_generative=over(lambda f: f.consensus_generative),
+        mean_peer_generative=over(lambda f: f.mean_peer_generative),
     )

@@ -186,9 +186,9 @@ def _organisation_section(summary: RunSummary) -> list[str]:
         return []
     peer = extra.get("peer")
     lines = ["## This organisation's peer", "",
-             f"Peer {peer} of the run, over gRPC links (mutual TLS) with its neighbours {extra.get('neighbours')}. "
-             "\"Consensus\" in this report is this peer's own adapter after each round's mix (its estimate of the "
-             "consensus); no process holds every adapter.", ""]
+             (f"Peer {peer} of the run, over gRPC links (mutual TLS) with its neighbours {extra.get('neighbours')}. "
+              "\"Consensus\" in this report is this peer's own adapter after each round's mix (its estimate of the "
+              "consensus); no process holds every adapter."), ""]
     absent: dict[int, list[int]] = {}
     for a in extra.get("absent") or []:
         absent.setdefault(int(a["peer"]), []).append(int(a["round"]))

@@ -188,6 +188,9 @@ class RunFinal:
     samples_seen: int | None
     rounds: int | None
     runtime_s: float | None
+    # An sft run's greedy-answer accuracy beside its headline perplexity (None for other tasks).
+    consensus_generative: float | None = None
+    mean_peer_generative: float | None = None
 
 
 @dataclass(frozen=True)
@@ -204,3 +207,5 @@ class MethodFinal:
     bytes_sent_total: Spread
     samples_seen: Spread
     runtime_s: Spread
+    consensus_generative: Spread
+    mean_peer_generative: Spread

@@ -22,6 +22,9 @@ RunInput = tuple[SummaryInput, Sequence[Row]]
 
 # The consensus distance on each DoRA factor: key in ``consensus_distance`` -> label.
 DISTANCES = (("magnitude", "m"), ("product", "B·A"), ("merged", "W'"))
+#: The key an sft run's evaluations hold its greedy-answer accuracy under (``data.generation`` writes
+#: it; spelled out here so that reading reports does not import the model code).
+GENERATIVE_ACCURACY = "generative_accuracy"
 
 
 def metric_name(summary: Summary) -> str:

@@ -36,6 +36,7 @@ from d2ora.report.groups import (
 from d2ora.report.model import MethodFinal, RunSummary, SummaryInput
 from d2ora.report.rows import (
     DISTANCES,
+    GENERATIVE_ACCURACY,
     Row,
     RunInput,
     Summary,
@@ -55,12 +56,16 @@ NOT_REACHED = "not reached"
 
 
 #: sft runs show the consensus model's generative accuracy next to its headline metric.
-GENERATIVE = "generative_accuracy"
+GENERATIVE = GENERATIVE_ACCURACY
 
 
 def _shows_generative(summary: Summary) -> bool:
     # By task, not by row content: other tasks' tables keep exactly their columns.
     return summary.task == "sft"
+
+
+def _percent(value: float | None) -> str:
+    return DASH if value is None else f"{value * 100:.1f}"
 
 
 def results_headers(summary: Summary) -> list[str]:
@@ -105,7 +110,9 @@ def _best_indices(values: Sequence[float | None], higher_is_better: bool) -> set
 def _compare_headers(summary: Summary, multi_seed: bool) -> list[str]:
     label = metric_label(summary)
     headers = [
-        "run", f"consensus {label}", f"mean peer {label}", "worst peer", "mean peer, own split",
+        "run", f"consensus {label}",
+        *(["consensus generative accuracy (%)", "mean peer generative accuracy (%)"] if _shows_generative(summary) else []),
+        f"mean peer {label}", "worst peer", "mean peer, own split",
         "distance B·A", "distance W'", "MB sent", "runtime (s)",
     ]
     return [*headers, "seeds"] if multi_seed else headers  # last: a single-seed table keeps its columns
@@ -118,6 +125,8 @@ def _compare_cells(summary: Summary, final: MethodFinal, multi_seed: bool) -> li
     cells = [
         final.name,
         fmt_spread(final.consensus, metric),
+        *([fmt_spread(final.consensus_generative, _percent), fmt_spread(final.mean_peer_generative, _percent)]
+          if _shows_generative(summary) else []),
         fmt_spread(final.mean_peer, metric),
         fmt_spread(final.worst_peer, metric),
         fmt_spread(final.own_split, metric),
