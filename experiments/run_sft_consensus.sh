@@ -23,11 +23,28 @@ COMMON=(--config configs/sft_default.yaml --seeds "$SEEDS"
   --set network.peers="$PEERS" --set run.rounds=4 --set run.local_steps=5 --set run.eval_every=4
   --set run.eval_peers=true --set data.max_test_samples=40 --set run.generate_examples=40
   --set data.max_train_samples=null --set run.save_adapters=false --set run.save_merged=false --set run.tensorboard=false)
-# The mixers, local-only and centralized on the same partition and seeds.
-"$D2ORA" compare --mixers "$MIXERS" "${COMMON[@]}" -o "$OUT"
+# The mixers, local-only and centralized on the same partition and seeds (MIXERS=none: the suspects alone).
+[[ "$MIXERS" != none ]] && "$D2ORA" compare --mixers "$MIXERS" "${COMMON[@]}" -o "$OUT"
 # Suspects, one change each (the same partition and samples):
 # averaged AdamW updates shrink the step: DiLoCo / NoLoCo's outer Nesterov step on the gossip average;
 [[ ",$SUSPECTS," == *,outer_nesterov,* ]] && "$D2ORA" compare --mixers d2ora "${COMMON[@]}" --set network.mixer=d2ora --set network.outer_optimizer=nesterov -o "$OUT/outer_nesterov"
 # the AdamW moment reset after DeCAF's re-basing with few local steps: quasi-global momentum carries it.
 [[ ",$SUSPECTS," == *,decaf_qgm,* ]] && "$D2ORA" compare --mixers decaf "${COMMON[@]}" --set network.drift=qgm -o "$OUT/decaf_qgm"
+# the ring mixes too slowly for 8 peers (second eigenvalue 0.80 per gossip step, so 4 rounds leave the
+# peers 0.42 of their spread apart): three gossip steps per round (3x the bytes) ...
+[[ ",$SUSPECTS," == *,more_gossip,* ]] && "$D2ORA" compare --mixers d2ora "${COMMON[@]}" --set network.mixing_steps=3 -o "$OUT/more_gossip"
+# ... or shorter rounds: 10 rounds x 2 local steps, the same 20 steps and samples (2.5x the bytes, less drift per round).
+[[ ",$SUSPECTS," == *,short_rounds,* ]] && "$D2ORA" compare --mixers d2ora "${COMMON[@]}" --set run.rounds=10 --set run.local_steps=2 --set run.eval_every=10 -o "$OUT/short_rounds"
+# the learning rate: averaging 8 peers' AdamW steps taken on batch-2 gradients cancels their noisy
+# parts, so the consensus moves about 1/sqrt(8) as far as one Adam step would; 3x the rate makes up
+# for it. Centralized at the same rate shows whether the rate alone, not the averaging, was short.
+[[ ",$SUSPECTS," == *,higher_lr,* ]] && "$D2ORA" compare --mixers d2ora "${COMMON[@]}" --set optim.lr=3e-3 -o "$OUT/higher_lr"
+[[ ",$SUSPECTS," == *,centralized_higher_lr,* ]] && "$D2ORA" compare --mixers centralized "${COMMON[@]}" --set optim.lr=3e-3 -o "$OUT/centralized_higher_lr"
+# the budget: 20 steps may be too few for eight peers whose batch-2 AdamW steps partly cancel when
+# averaged. Twice the rounds for both (8 x 5 steps; still equal samples seen), consensus scored only.
+LONGER=(--set run.rounds=8 --set run.eval_every=8 --set run.eval_peers=false)
+[[ ",$SUSPECTS," == *,longer,* ]] && "$D2ORA" compare --mixers d2ora,centralized "${COMMON[@]}" "${LONGER[@]}" -o "$OUT/longer"
+# ... and the mean local-only peer at that budget (every peer scored: its own folder, since scoring
+# the peers is part of a run's config).
+[[ ",$SUSPECTS," == *,longer_local,* ]] && "$D2ORA" compare --mixers local "${COMMON[@]}" "${LONGER[@]}" --set run.eval_peers=true -o "$OUT/longer_local"
 exit 0
