@@ -11,11 +11,16 @@ MB = 1e6  # decimal megabytes, as network traffic is usually counted
 DASH = "-"
 
 
+def fmt_percent(value: float | None) -> str:
+    """A fraction as a percent with 1 decimal: 0.875 -> ``87.5``."""
+    return DASH if value is None else f"{value * 100:.1f}"
+
+
 def fmt_metric(summary: Summary, value: float | None) -> str:
-    """Accuracy as a percent with 1 decimal (0.875 -> ``87.5``); other metrics with 2 decimals."""
-    if value is None:
-        return DASH
-    return f"{value * 100:.1f}" if is_percent(summary) else f"{value:.2f}"
+    """Accuracy as a percent (:func:`fmt_percent`); other metrics with 2 decimals."""
+    if value is None or is_percent(summary):
+        return fmt_percent(value)
+    return f"{value:.2f}"
 
 
 def fmt_sci(value: float | None) -> str:

@@ -20,6 +20,7 @@ from d2ora.report.formatting import (
     fmt_float,
     fmt_mb,
     fmt_metric,
+    fmt_percent,
     fmt_sci,
     fmt_spread,
 )
@@ -55,17 +56,10 @@ from d2ora.report.stats import TARGET_GAP_POINTS, binomial_se, spread
 NOT_REACHED = "not reached"
 
 
-#: sft runs show the consensus model's generative accuracy next to its headline metric.
-GENERATIVE = GENERATIVE_ACCURACY
-
-
 def _shows_generative(summary: Summary) -> bool:
-    # By task, not by row content: other tasks' tables keep exactly their columns.
+    """sft runs show generative accuracy next to their headline metric. By task, not by row content:
+    other tasks' tables keep exactly their columns."""
     return summary.task == "sft"
-
-
-def _percent(value: float | None) -> str:
-    return DASH if value is None else f"{value * 100:.1f}"
 
 
 def results_headers(summary: Summary) -> list[str]:
@@ -87,7 +81,7 @@ def _results_cells(summary: Summary, row: Row) -> list[str]:
         f"{int(row.get('samples_seen') or 0):,}",
         fmt_float(mean_train_loss(row), 4),
         fmt_metric(summary, consensus_metric(row, metric_name(summary))),
-        *([fmt_float(consensus_metric(row, GENERATIVE), 3)] if _shows_generative(summary) else []),
+        *([fmt_float(consensus_metric(row, GENERATIVE_ACCURACY), 3)] if _shows_generative(summary) else []),
         fmt_metric(summary, mean), fmt_metric(summary, lo), fmt_metric(summary, hi),
         *(fmt_sci(distance(row, key)) for key, _ in DISTANCES),
         fmt_mb(None if total is None else float(total)),
@@ -125,7 +119,7 @@ def _compare_cells(summary: Summary, final: MethodFinal, multi_seed: bool) -> li
     cells = [
         final.name,
         fmt_spread(final.consensus, metric),
-        *([fmt_spread(final.consensus_generative, _percent), fmt_spread(final.mean_peer_generative, _percent)]
+        *([fmt_spread(final.consensus_generative, fmt_percent), fmt_spread(final.mean_peer_generative, fmt_percent)]
           if _shows_generative(summary) else []),
         fmt_spread(final.mean_peer, metric),
         fmt_spread(final.worst_peer, metric),
