@@ -88,6 +88,8 @@ def test_loader_quantizes_linears_but_not_the_head(llama_dir: str, kind: str) ->
     # By hand (the GGUF path) and by transformers' BitsAndBytesConfig: the same layers, the same bits.
     by_hand = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     assert set(quantize_linears(by_hand, kind, torch.float32)) == names
+    # By hand too, no 4-bit layer repacks itself for AVX512-BF16 CPUs (PEFT's DoRA misreads that layout).
+    assert not any(getattr(m, "support_avx512bf16_for_cpu", False) for m in by_hand.modules())
     for name in sorted(names)[:3]:
         assert torch.equal(bnb_dense(model.get_submodule(name)), bnb_dense(by_hand.get_submodule(name)))
 
