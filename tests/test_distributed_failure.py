@@ -25,9 +25,11 @@ import torch.distributed as dist
 from d2ora.distributed.exchange import DistributedCollector, PeerSilentError
 from d2ora.distributed.group import (
     FAILURE_KEY,
+    DistributedSetupError,
     Group,
     ProcessLostError,
     guarded,
+    process_device,
     symptom,
 )
 from d2ora.recipes.peer import _next_steps
@@ -224,3 +226,33 @@ def test_a_death_at_set_up_or_in_the_final_gathers_is_named_too(stage: str, wher
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+# ------------------------------------------------------------------------------ the process's device
+def fake_gpus(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+@pytest.mark.parametrize(("name", "local_rank", "gpus", "expected"), [
+    ("auto", 3, 0, "cpu"),  # no GPU: every process on the CPU (gloo)
+    ("auto", 1, 2, "cuda:1"),  # one GPU per process, by LOCAL_RANK
+    ("cuda", 1, 2, "cuda:1"),  # a bare "cuda" too: torch's current device would put every process on GPU 0
+    ("cuda:0", 1, 2, "cuda:0"),  # an index is taken as written
+    ("cpu", 0, 2, "cpu"),
+])
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch: pytest.MonkeyPatch, name: str, local_rank: int,
+                                                     gpus: int, expected: str) -> None:
+    fake_gpus(monkeypatch, gpus)
+    assert process_device(name, local_rank) == torch.device(expected)
+
+
+@pytest.mark.parametrize(("name", "local_rank", "gpus"), [("auto", 1, 1), ("cuda", 2, 2), ("cuda:1", 0, 1), ("cuda", 0, 0)])
+def test_a_gpu_the_machine_lacks_is_one_line_naming_the_fix(monkeypatch: pytest.MonkeyPatch, name: str, local_rank: int,
+                                                           gpus: int) -> None:
+    fake_gpus(monkeypatch, gpus)
+    with pytest.raises(DistributedSetupError) as caught:
+        process_device(name, local_rank)
+    message = str(caught.value)
+    assert "\n" not in message and f"LOCAL_RANK={local_rank}" in message and f"has {gpus} GPU(s)" in message
+    assert f"--nproc_per_node {max(gpus, 1)}" in message and "run.device: cpu" in message

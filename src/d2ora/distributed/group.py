@@ -119,16 +119,35 @@ def _env_int(name: str) -> int:
     return int(value)
 
 
+def process_device(device_name: str, local_rank: int) -> torch.device:
+    """This process's device: ``auto`` and ``cuda`` mean GPU number LOCAL_RANK (one GPU per process,
+    as NCCL needs: two processes on one GPU fail in NCCL's set-up), ``auto`` the CPU where there is
+    no GPU; ``cuda:N`` is taken as written. A GPU the machine does not have is one clear line here,
+    not a CUDA error in the middle of loading the model."""
+    cuda_available = torch.cuda.is_available()
+    if device_name == "auto" and not cuda_available:
+        return torch.device("cpu")
+    device = torch.device("cuda" if device_name == "auto" else device_name)
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", local_rank)
+    count = torch.cuda.device_count() if cuda_available else 0
+    if device.index >= count:
+        raise DistributedSetupError(
+            f"process LOCAL_RANK={local_rank} needs GPU {device} but this machine has {count} GPU(s): start at most "
+            f"{count} process(es) per machine (torchrun --nproc_per_node {max(count, 1)}), or set run.device: cpu"
+        )
+    return device
+
+
 def start(timeout_s: float, device_name: str = "auto") -> Group:
     """Join the job: rendezvous through MASTER_ADDR:MASTER_PORT, then one process group."""
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
             _env_int(name)  # raises the clear error
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(device_name)
+    device = process_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
