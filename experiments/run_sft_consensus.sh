@@ -47,9 +47,9 @@ LONGER=(--set run.rounds=8 --set run.eval_every=8 --set run.eval_peers=false)
 # ... and the mean local-only peer at that budget (every peer scored: its own folder, since scoring
 # the peers is part of a run's config).
 [[ ",$SUSPECTS," == *,longer_local,* ]] && "$D2ORA" compare --mixers local "${COMMON[@]}" "${LONGER[@]}" --set run.eval_peers=true -o "$OUT/longer_local"
-# ... and the same two, with DeCAF, on a test set big enough to resolve the 3-point target: 150
-# articles per seed instead of 40 (one seed's standard error about 3 points instead of 6); consensus
-# scored only.
+# ... and the same two, with DeCAF and dora_exact, on a test set big enough to resolve the 3-point
+# target: 150 articles per seed instead of 40 (one seed's standard error about 3 points instead of
+# 6); consensus scored only.
 BIGTEST=(--set data.max_test_samples=150 --set run.generate_examples=150)
-[[ ",$SUSPECTS," == *,longer_bigtest,* ]] && "$D2ORA" compare --mixers decaf,d2ora,centralized "${COMMON[@]}" "${LONGER[@]}" "${BIGTEST[@]}" -o "$OUT/longer_bigtest"
+[[ ",$SUSPECTS," == *,longer_bigtest,* ]] && "$D2ORA" compare --mixers decaf,d2ora,dora_exact,centralized "${COMMON[@]}" "${LONGER[@]}" "${BIGTEST[@]}" -o "$OUT/longer_bigtest"
 exit 0
