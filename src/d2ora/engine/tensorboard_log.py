@@ -11,10 +11,11 @@ import math
 from pathlib import Path
 
 from d2ora.engine.records import RoundRecord
+from d2ora.report.rows import GENERATIVE_ACCURACY
 
 DIRECTORY = "tensorboard"
 #: Metrics logged next to the headline one when a task returns them.
-SECONDARY_METRICS = ("generative_accuracy",)
+SECONDARY_METRICS = (GENERATIVE_ACCURACY,)
 
 
 class TensorBoardLog:
